@@ -1,0 +1,1 @@
+//! The Plane controller: HTTP API, scheduling, keys, sweeps, drone and proxy sockets.

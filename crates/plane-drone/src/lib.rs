@@ -1,0 +1,1 @@
+//! The Plane drone: runs backends through a runtime and reports their lifecycle.

@@ -1,0 +1,1 @@
+//! The Plane proxy: token-routed HTTP and WebSocket forwarding.

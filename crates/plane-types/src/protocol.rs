@@ -1,0 +1,280 @@
+//! The internal WebSocket protocol between the controller and drones and proxies.
+//!
+//! Each message is one WebSocket text frame holding one JSON object, externally tagged
+//! by variant (`{"Heartbeat": {...}}`). A connection starts with a `Hello` from the
+//! client carrying [`PROTOCOL_VERSION`]; the controller answers `Welcome` or `Reject`
+//! and closes. Nothing else may be sent before the handshake completes.
+//!
+//! Endpoints: `/ctrl/drone-socket` for drones, `/ctrl/proxy-socket` for proxies.
+//!
+//! **Delivery:** drone state events carry a drone-local `event_id` and are re-sent until
+//! the controller answers `Ack` with that id; the controller applies each event
+//! idempotently (statuses only move forward), so duplicates are harmless.
+
+use crate::api::KeyConfig;
+use crate::executable::{Executable, RuntimeKind};
+use crate::lease::LeaseDeadlines;
+use crate::names::{BackendName, ClusterName, ControllerName, DroneName, ProxyName};
+use crate::status::{BackendStatus, TerminationKind, TerminationReason};
+use crate::EpochMillis;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// The protocol version. Bump it on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Path of the drone socket on the controller.
+pub const DRONE_SOCKET_PATH: &str = "/ctrl/drone-socket";
+/// Path of the proxy socket on the controller.
+pub const PROXY_SOCKET_PATH: &str = "/ctrl/proxy-socket";
+
+/// The first message a drone sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DroneHello {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// The drone's persistent name.
+    pub name: DroneName,
+    /// The cluster the drone serves.
+    pub cluster: ClusterName,
+    /// The pool within the cluster (`""` for the default pool).
+    pub pool: String,
+    /// The runtimes this drone offers.
+    pub runtimes: Vec<RuntimeKind>,
+    /// The drone's version.
+    pub plane_version: String,
+    /// The drone's source hash.
+    pub plane_hash: String,
+    /// The drone's clock when it sent this message.
+    pub local_time: EpochMillis,
+}
+
+/// A backend's state change as reported by its drone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendEvent {
+    /// Drone-local, strictly increasing id; the controller acks it.
+    pub event_id: u64,
+    /// The backend.
+    pub backend_id: BackendName,
+    /// The new status.
+    pub status: BackendStatus,
+    /// Where the backend listens, once known (from `waiting` on).
+    #[serde(default)]
+    pub address: Option<SocketAddr>,
+    /// Exit code, on `terminated` when the backend exited.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Why it is terminating, from `terminating` on.
+    #[serde(default)]
+    pub termination_reason: Option<TerminationReason>,
+    /// How it is terminating, from `terminating` on.
+    #[serde(default)]
+    pub termination_kind: Option<TerminationKind>,
+    /// A human-readable detail (for example a spawn error).
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// Messages from a drone to the controller.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum DroneToController {
+    /// The handshake.
+    Hello(DroneHello),
+    /// Sent periodically; `local_time` is the drone's clock.
+    Heartbeat {
+        /// The drone's clock when it sent the heartbeat.
+        local_time: EpochMillis,
+    },
+    /// A state change; re-sent until acked.
+    Event(BackendEvent),
+    /// Asks to extend a backend's key lease.
+    RenewKey {
+        /// The backend holding the key.
+        backend_id: BackendName,
+        /// The fencing token the drone holds.
+        fencing_token: i64,
+        /// The drone's clock when it sent the request.
+        local_time: EpochMillis,
+    },
+}
+
+/// The key of a backend, with the fencing token of this acquisition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcquiredKey {
+    /// The key.
+    pub key: KeyConfig,
+    /// Strictly increases with each acquisition of any key.
+    pub fencing_token: i64,
+}
+
+/// Tells a drone to start a backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpawnAction {
+    /// The backend's id.
+    pub backend_id: BackendName,
+    /// What to run.
+    pub executable: Executable,
+    /// The key and fencing token.
+    pub key: AcquiredKey,
+    /// The static token, if the backend uses one.
+    pub static_token: Option<String>,
+    /// The lease deadlines, in the drone's clock.
+    pub deadlines: LeaseDeadlines,
+}
+
+/// Messages from the controller to a drone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ControllerToDrone {
+    /// The handshake succeeded.
+    Welcome {
+        /// Must equal [`PROTOCOL_VERSION`].
+        protocol_version: u32,
+        /// The controller's name.
+        controller: ControllerName,
+    },
+    /// The handshake failed; the controller closes the socket after this.
+    Reject {
+        /// Why.
+        message: String,
+    },
+    /// Start a backend.
+    Spawn(SpawnAction),
+    /// Stop a backend.
+    Terminate {
+        /// The backend.
+        backend_id: BackendName,
+        /// Soft (SIGTERM, grace, SIGKILL) or hard (SIGKILL).
+        kind: TerminationKind,
+        /// Why.
+        reason: TerminationReason,
+    },
+    /// The event with this id is durably recorded; stop re-sending it.
+    Ack {
+        /// The acked event's id.
+        event_id: u64,
+    },
+    /// The answer to `RenewKey`.
+    Renewed {
+        /// The backend.
+        backend_id: BackendName,
+        /// New deadlines, or `None` if the lease is gone (the drone must terminate).
+        deadlines: Option<LeaseDeadlines>,
+    },
+}
+
+/// The first message a proxy sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyHello {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// The proxy's name.
+    pub name: ProxyName,
+    /// The cluster the proxy serves.
+    pub cluster: ClusterName,
+    /// The proxy's version.
+    pub plane_version: String,
+    /// The proxy's source hash.
+    pub plane_hash: String,
+}
+
+/// Messages from a proxy to the controller.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ProxyToController {
+    /// The handshake.
+    Hello(ProxyHello),
+    /// Asks where a token routes. The controller answers `Route` once the backend is
+    /// ready, terminated, unknown, or after its bounded wait.
+    RouteRequest {
+        /// The connection token (first path segment).
+        token: String,
+    },
+    /// These backends had traffic or open connections since the last keepalive.
+    Keepalive {
+        /// The active backends.
+        backends: Vec<BackendName>,
+    },
+}
+
+/// Where a token routes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    /// The backend.
+    pub backend_id: BackendName,
+    /// Where the backend listens.
+    pub address: SocketAddr,
+    /// Sent to the backend as `x-verified-secret`.
+    pub secret_token: Option<String>,
+    /// Sent to the backend as `x-verified-username`.
+    pub user: Option<String>,
+    /// Sent to the backend as `x-verified-user-data` (JSON).
+    pub user_data: Option<serde_json::Value>,
+    /// The backend's subdomain; requests must use it in their Host.
+    pub subdomain: Option<String>,
+}
+
+/// The outcome of a route lookup.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RouteResult {
+    /// The backend is ready at this route.
+    Ready(RouteInfo),
+    /// No such token, or its backend is terminated or the token revoked (HTTP 410).
+    Gone,
+    /// The backend did not become ready within the controller's bounded wait (HTTP 504).
+    NotReady,
+}
+
+/// Messages from the controller to a proxy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ControllerToProxy {
+    /// The handshake succeeded.
+    Welcome {
+        /// Must equal [`PROTOCOL_VERSION`].
+        protocol_version: u32,
+        /// The controller's name.
+        controller: ControllerName,
+    },
+    /// The handshake failed; the controller closes the socket after this.
+    Reject {
+        /// Why.
+        message: String,
+    },
+    /// The answer to a `RouteRequest`.
+    Route {
+        /// The token asked about.
+        token: String,
+        /// Where it routes.
+        result: RouteResult,
+    },
+    /// The backend is terminating or gone: drop every cached route to it.
+    BackendRemoved {
+        /// The backend.
+        backend_id: BackendName,
+    },
+    /// The token was revoked: drop its cached route.
+    TokenRevoked {
+        /// The token.
+        token: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let m = DroneToController::Heartbeat { local_time: 7 };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(s, r#"{"Heartbeat":{"local_time":7}}"#);
+        assert_eq!(serde_json::from_str::<DroneToController>(&s).unwrap(), m);
+        let m = ControllerToProxy::Route { token: "t".into(), result: RouteResult::Gone };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<ControllerToProxy>(&s).unwrap(), m);
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(serde_json::from_str::<DroneToController>("{\"Nope\":1}").is_err());
+        assert!(serde_json::from_str::<ProxyToController>("[]").is_err());
+    }
+}
