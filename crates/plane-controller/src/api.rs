@@ -1,0 +1,244 @@
+//! The HTTP API: routes of compat/plane-http-api.md, parsed into typed requests at the
+//! edge. `/ctrl/*` is the trusted control API; `/pub/*` is public, with open CORS.
+
+use crate::error::HttpError;
+use crate::extract::{path_cluster, path_name, ApiJson};
+use crate::state::Controller;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream};
+use plane_types::api::{
+    ApiErrorKind, ClusterState, ConnectRequest, DrainResponse, DroneState, NodeName, NodeState, RevokeRequest,
+    StatusResponse,
+};
+use plane_types::names::{BackendName, DroneName};
+use plane_types::protocol::{ControllerToDrone, ControllerToProxy, DRONE_SOCKET_PATH, PROXY_SOCKET_PATH};
+use plane_types::status::{BackendStatus, StatusEntry, TerminationKind, TerminationReason};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::sync::broadcast::error::RecvError;
+use tower_http::cors::{Any, CorsLayer};
+
+type AppState = State<Arc<Controller>>;
+
+/// The controller's router.
+pub fn router(controller: Arc<Controller>) -> Router {
+    let cors = CorsLayer::new().allow_origin(Any).allow_methods([Method::GET, Method::POST]).allow_headers([header::CONTENT_TYPE]);
+    let public = Router::new()
+        .route("/pub/health", get(health))
+        .route("/pub/b/{backend}/status", get(backend_status))
+        .route("/pub/b/{backend}/status-stream", get(status_stream))
+        .layer(cors);
+    Router::new()
+        .route("/ctrl/status", get(controller_status))
+        .route("/ctrl/connect", post(connect))
+        .route("/ctrl/c/{cluster}/state", get(cluster_state))
+        .route("/ctrl/c/{cluster}/d/{drone}/drain", post(drain))
+        .route("/ctrl/b/revoke", post(revoke))
+        .route("/ctrl/b/{backend}/soft-terminate", post(soft_terminate))
+        .route("/ctrl/b/{backend}/hard-terminate", post(hard_terminate))
+        .route(DRONE_SOCKET_PATH, get(crate::drone_socket::handler))
+        .route(PROXY_SOCKET_PATH, get(crate::proxy_socket::handler))
+        .merge(public)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(controller)
+}
+
+async fn not_found() -> HttpError {
+    HttpError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> HttpError {
+    HttpError::new(StatusCode::METHOD_NOT_ALLOWED, ApiErrorKind::Other, "method not allowed on this route")
+}
+
+async fn controller_status(State(c): AppState) -> Result<Json<StatusResponse>, HttpError> {
+    c.store().ping().await?;
+    Ok(Json(StatusResponse {
+        status: "ok".into(),
+        version: plane_types::PLANE_VERSION.into(),
+        hash: plane_types::PLANE_HASH.into(),
+    }))
+}
+
+async fn health(State(c): AppState) -> Response {
+    match c.store().ping().await {
+        Ok(()) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        Err(e) => HttpError::from(e).into_response(),
+    }
+}
+
+async fn connect(State(c): AppState, ApiJson(req): ApiJson<ConnectRequest>) -> Result<Response, HttpError> {
+    Ok(Json(c.connect(req).await?).into_response())
+}
+
+async fn backend_status(State(c): AppState, Path(backend): Path<String>) -> Result<Json<StatusEntry>, HttpError> {
+    let id: BackendName = path_name("backend id", &backend)?;
+    let history = c.store().status_history(&id).await?;
+    history.last().cloned().map(Json).ok_or_else(|| HttpError::not_found(format!("no backend {id}")))
+}
+
+/// Parses `Last-Event-ID` (a status string). Garbage is ignored, as browsers may send
+/// whatever an older server used.
+fn last_event_id(headers: &HeaderMap) -> Option<BackendStatus> {
+    headers.get("last-event-id")?.to_str().ok()?.trim().parse().ok()
+}
+
+fn sse_event(entry: &StatusEntry) -> Event {
+    Event::default().id(entry.status.as_str()).data(serde_json::to_string(entry).unwrap_or_default())
+}
+
+/// State of one status stream: what is left to replay, and the live subscription.
+struct StreamState {
+    controller: Arc<Controller>,
+    id: BackendName,
+    rx: tokio::sync::broadcast::Receiver<crate::state::StatusChange>,
+    pending: std::collections::VecDeque<StatusEntry>,
+    last: Option<BackendStatus>,
+    done: bool,
+}
+
+impl StreamState {
+    fn queue(&mut self, entries: impl IntoIterator<Item = StatusEntry>) {
+        for e in entries {
+            let after_last = self.last.is_none_or(|l| e.status > l);
+            let after_queued = self.pending.back().is_none_or(|q| e.status > q.status);
+            if after_last && after_queued {
+                self.pending.push_back(e);
+            }
+        }
+    }
+
+    async fn next(mut self) -> Option<(Result<Event, Infallible>, StreamState)> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                self.last = Some(e.status);
+                self.done = e.status.is_terminal();
+                return Some((Ok(sse_event(&e)), self));
+            }
+            if self.done {
+                return None;
+            }
+            match self.rx.recv().await {
+                Ok(change) if change.backend_id == self.id => self.queue([change.entry]),
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => {
+                    // Missed changes: re-read the history, which has them all.
+                    let history = self.controller.store().status_history(&self.id).await.ok()?;
+                    self.queue(history);
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+async fn status_stream(
+    State(c): AppState,
+    Path(backend): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, HttpError> {
+    let id: BackendName = path_name("backend id", &backend)?;
+    // Subscribe before reading the history so no change falls between the two.
+    let rx = c.subscribe();
+    let history = c.store().status_history(&id).await?;
+    if history.is_empty() {
+        return Err(HttpError::not_found(format!("no backend {id}")));
+    }
+    let mut state =
+        StreamState { controller: c.clone(), id, rx, pending: Default::default(), last: last_event_id(&headers), done: false };
+    if state.last.is_some_and(|l| l.is_terminal()) {
+        state.done = true;
+    }
+    state.queue(history);
+    Ok(Sse::new(stream::unfold(state, StreamState::next)).keep_alive(KeepAlive::default()))
+}
+
+async fn terminate(c: &Controller, backend: &str, kind: TerminationKind) -> Result<Json<()>, HttpError> {
+    let id: BackendName = path_name("backend id", backend)?;
+    let reason = TerminationReason::External;
+    let Some((drone, status)) = c.store().request_termination(&id, kind, reason).await? else {
+        return Err(HttpError::not_found(format!("no backend {id}")));
+    };
+    if !status.is_terminal() {
+        tracing::info!(backend_id = %id, ?kind, "termination requested");
+        // Not connected: re-sent when the drone reconnects (the request is recorded).
+        c.send_drone(&drone, ControllerToDrone::Terminate { backend_id: id, kind, reason });
+    }
+    Ok(Json(()))
+}
+
+async fn soft_terminate(State(c): AppState, Path(backend): Path<String>) -> Result<Json<()>, HttpError> {
+    terminate(&c, &backend, TerminationKind::Soft).await
+}
+
+async fn hard_terminate(State(c): AppState, Path(backend): Path<String>) -> Result<Json<()>, HttpError> {
+    terminate(&c, &backend, TerminationKind::Hard).await
+}
+
+async fn revoke(State(c): AppState, ApiJson(req): ApiJson<RevokeRequest>) -> Result<Json<String>, HttpError> {
+    if c.store().backend(&req.backend_id).await?.is_none() {
+        return Err(HttpError::not_found(format!("no backend {}", req.backend_id)));
+    }
+    let tokens = c.store().revoke(&req.backend_id, &req.user).await?;
+    tracing::info!(backend_id = %req.backend_id, user = %req.user, count = tokens.len(), "tokens revoked");
+    for token in tokens {
+        c.broadcast_proxies(None, ControllerToProxy::TokenRevoked { token });
+    }
+    Ok(Json("revoked".to_owned()))
+}
+
+async fn drain(State(c): AppState, Path((cluster, drone)): Path<(String, String)>) -> Result<Json<DrainResponse>, HttpError> {
+    let cluster = path_cluster(&cluster)?;
+    let drone: DroneName = path_name("drone name", &drone)?;
+    match c.store().drain_drone(&cluster, &drone).await? {
+        Some(updated) => {
+            tracing::info!(%drone, updated, "drone draining");
+            Ok(Json(DrainResponse { updated }))
+        }
+        None => Err(HttpError::not_found(format!("no drone {drone} in cluster {cluster}"))),
+    }
+}
+
+async fn cluster_state(State(c): AppState, Path(cluster): Path<String>) -> Result<Json<ClusterState>, HttpError> {
+    let cluster = path_cluster(&cluster)?;
+    let healthy_within = c.config.timings.drone_unhealthy_after;
+    let drones = c
+        .store()
+        .drones(&cluster)
+        .await?
+        .into_iter()
+        .map(|d| DroneState {
+            ready: d.ready && d.last_heartbeat_age < healthy_within,
+            draining: d.draining,
+            last_heartbeat_age: Some(d.last_heartbeat_age.as_secs_f64()),
+            backend_count: d.backend_count,
+            node: NodeState {
+                name: NodeName::Drone(d.name),
+                plane_version: d.plane_version,
+                plane_hash: d.plane_hash,
+                controller: d.controller,
+                controller_heartbeat_age: d.controller_heartbeat_age.map(|a| a.as_secs_f64()),
+            },
+        })
+        .collect();
+    let proxies = c
+        .store()
+        .proxies(&cluster)
+        .await?
+        .into_iter()
+        .map(|p| NodeState {
+            name: NodeName::Proxy(p.registration.name),
+            plane_version: p.registration.plane_version,
+            plane_hash: p.registration.plane_hash,
+            controller: Some(p.registration.controller),
+            controller_heartbeat_age: p.controller_heartbeat_age.map(|a| a.as_secs_f64()),
+        })
+        .collect();
+    Ok(Json(ClusterState { drones, proxies }))
+}

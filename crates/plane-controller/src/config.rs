@@ -1,0 +1,61 @@
+//! Controller configuration.
+
+use plane_store::SharedStore;
+use plane_types::lease::LeaseTimings;
+use plane_types::names::{ClusterName, ControllerName};
+use std::time::Duration;
+
+/// Everything a controller needs; passed to [`crate::serve`].
+#[derive(Clone)]
+pub struct ControllerConfig {
+    /// The store. Only the controller touches it.
+    pub store: SharedStore,
+    /// This controller's name.
+    pub name: ControllerName,
+    /// The cluster used when a connect request names none.
+    pub default_cluster: Option<ClusterName>,
+    /// The controller's public base URL (for `status_url`), without a trailing slash.
+    pub controller_url: String,
+    /// Timings.
+    pub timings: ControllerTimings,
+}
+
+/// The controller's timings; tests shorten them.
+#[derive(Clone, Copy, Debug)]
+pub struct ControllerTimings {
+    /// Key lease offsets.
+    pub lease: LeaseTimings,
+    /// A drone is unhealthy (not schedulable) after this long without a heartbeat.
+    pub drone_unhealthy_after: Duration,
+    /// How often idle, lifetime and lost backends are swept.
+    pub sweep_interval: Duration,
+    /// How long a proxy's route request waits for a starting backend.
+    pub route_wait: Duration,
+    /// How many random candidates the scheduler compares.
+    pub scheduler_candidates: usize,
+}
+
+impl Default for ControllerTimings {
+    fn default() -> Self {
+        ControllerTimings {
+            lease: LeaseTimings::default(),
+            drone_unhealthy_after: Duration::from_secs(45),
+            sweep_interval: Duration::from_secs(1),
+            route_wait: Duration::from_secs(30),
+            scheduler_candidates: 2,
+        }
+    }
+}
+
+impl ControllerConfig {
+    /// A config with default timings.
+    pub fn new(store: SharedStore, controller_url: impl Into<String>, default_cluster: Option<ClusterName>) -> Self {
+        ControllerConfig {
+            store,
+            name: ControllerName::new_random(),
+            default_cluster,
+            controller_url: controller_url.into().trim_end_matches('/').to_owned(),
+            timings: ControllerTimings::default(),
+        }
+    }
+}

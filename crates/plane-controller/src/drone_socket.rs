@@ -1,0 +1,216 @@
+//! The drone endpoint (`/ctrl/drone-socket`): handshake, then heartbeats, state events
+//! (applied to the store, then acked), key renewals; and spawn/terminate actions out.
+//!
+//! A drone's messages are handled in order, one at a time, so its events reach the
+//! store in the order it sent them. An event is acked only after the store has it; a
+//! store failure closes the socket so the drone re-sends everything unacked.
+
+use crate::state::Controller;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use plane_store::{ApplyOutcome, BackendUpdate, DroneRegistration};
+use plane_types::names::DroneName;
+use plane_types::protocol::{BackendEvent, ControllerToDrone, DroneHello, DroneToController, PROTOCOL_VERSION};
+use plane_types::status::BackendStatus;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long a new connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Upgrades the request to the drone socket.
+pub async fn handler(ws: WebSocketUpgrade, State(c): State<Arc<Controller>>) -> Response {
+    ws.on_upgrade(move |socket| async move {
+        let shutdown = c.shutdown.clone();
+        tokio::select! {
+            () = run(c, socket) => {}
+            () = shutdown.cancelled() => {}
+        }
+    })
+}
+
+fn encode<T: serde::Serialize>(msg: &T) -> Option<Message> {
+    serde_json::to_string(msg).ok().map(|s| Message::Text(s.into()))
+}
+
+/// Reads the next protocol message; `None` when the socket closes.
+pub(crate) async fn next_text(socket: &mut futures_util::stream::SplitStream<WebSocket>) -> Option<String> {
+    while let Some(msg) = socket.next().await {
+        match msg {
+            Ok(Message::Text(t)) => return Some(t.to_string()),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+    None
+}
+
+async fn run(c: Arc<Controller>, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, next_text(&mut stream)).await {
+        Ok(Some(text)) => serde_json::from_str::<DroneToController>(&text),
+        _ => return,
+    };
+    let hello: DroneHello = match hello {
+        Ok(DroneToController::Hello(h)) if h.protocol_version == PROTOCOL_VERSION => h,
+        other => {
+            let message = match other {
+                Ok(DroneToController::Hello(h)) => format!(
+                    "protocol version {} is not supported; this controller speaks {PROTOCOL_VERSION}",
+                    h.protocol_version
+                ),
+                Ok(_) => "the first message must be Hello".to_owned(),
+                Err(e) => format!("invalid Hello: {e}"),
+            };
+            tracing::warn!(%message, "rejecting drone");
+            if let Some(m) = encode(&ControllerToDrone::Reject { message }) {
+                let _ = sink.send(m).await;
+            }
+            let _ = sink.close().await;
+            return;
+        }
+    };
+    let drone = hello.name.clone();
+    let reg = DroneRegistration {
+        name: drone.clone(),
+        cluster: hello.cluster.clone(),
+        pool: hello.pool.clone(),
+        runtimes: hello.runtimes.clone(),
+        plane_version: hello.plane_version.clone(),
+        plane_hash: hello.plane_hash.clone(),
+        controller: c.config.name.clone(),
+    };
+    if let Err(e) = c.store().register_drone(&reg).await {
+        tracing::error!(%drone, error = %e, "cannot register drone");
+        return;
+    }
+    let welcome = ControllerToDrone::Welcome { protocol_version: PROTOCOL_VERSION, controller: c.config.name.clone() };
+    let Some(welcome) = encode(&welcome) else { return };
+    if sink.send(welcome).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<ControllerToDrone>();
+    let conn_id = c.conn_id();
+    c.add_drone(drone.clone(), conn_id, tx, hello.local_time);
+    tracing::info!(%drone, cluster = %hello.cluster, pool = %hello.pool, "drone connected");
+
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let Some(m) = encode(&msg) else { continue };
+            if sink.send(m).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    if let Err(e) = resend_pending(&c, &drone).await {
+        tracing::error!(%drone, error = %e, "cannot re-send pending actions");
+    } else {
+        while let Some(text) = next_text(&mut stream).await {
+            let msg = match serde_json::from_str::<DroneToController>(&text) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(%drone, error = %e, "ignoring an invalid message from a drone");
+                    continue;
+                }
+            };
+            if let Err(e) = handle(&c, &drone, msg).await {
+                tracing::error!(%drone, error = %e, "store failed while handling a drone message; closing");
+                break;
+            }
+        }
+    }
+
+    writer.abort();
+    if c.remove_drone(&drone, conn_id) {
+        if let Err(e) = c.store().drone_disconnected(&drone).await {
+            tracing::warn!(%drone, error = %e, "cannot record drone disconnect");
+        }
+    }
+    tracing::info!(%drone, "drone disconnected");
+}
+
+/// Re-sends spawns that may not have arrived and terminations not yet done.
+async fn resend_pending(c: &Controller, drone: &DroneName) -> Result<(), plane_store::StoreError> {
+    let now = c.drone_now(drone).unwrap_or_default();
+    for b in c.store().scheduled_backends(drone).await? {
+        let new = plane_store::NewBackend {
+            id: b.id,
+            cluster: b.cluster,
+            pool: b.pool,
+            drone: b.drone,
+            executable: b.executable,
+            key: b.key,
+            lifetime_limit_seconds: b.lifetime_limit_seconds,
+            max_idle_seconds: b.max_idle_seconds,
+            static_token: b.static_token,
+            subdomain: b.subdomain,
+            lease_duration: c.config.timings.lease.expire_after,
+        };
+        // The lease may be older than these deadlines suggest; the first renewal
+        // (refused if it has expired) settles it.
+        c.dispatch_spawn(&new, b.fencing_token, now);
+    }
+    for t in c.store().pending_terminations(drone).await? {
+        c.send_drone(drone, ControllerToDrone::Terminate { backend_id: t.backend_id, kind: t.kind, reason: t.reason });
+    }
+    Ok(())
+}
+
+async fn handle(c: &Controller, drone: &DroneName, msg: DroneToController) -> Result<(), plane_store::StoreError> {
+    match msg {
+        DroneToController::Hello(_) => tracing::warn!(%drone, "ignoring a second Hello"),
+        DroneToController::Heartbeat { local_time } => {
+            c.drone_clock(drone, local_time);
+            c.store().drone_heartbeat(drone).await?;
+        }
+        DroneToController::Event(event) => {
+            let event_id = event.event_id;
+            apply_event(c, drone, event).await?;
+            c.send_drone(drone, ControllerToDrone::Ack { event_id });
+        }
+        DroneToController::RenewKey { backend_id, fencing_token, local_time } => {
+            c.drone_clock(drone, local_time);
+            let renewed = c.store().renew_key(&backend_id, fencing_token, c.config.timings.lease.expire_after).await?;
+            let deadlines = renewed.then(|| c.config.timings.lease.deadlines_from(local_time));
+            if !renewed {
+                tracing::warn!(%drone, %backend_id, "key renewal refused");
+            }
+            c.send_drone(drone, ControllerToDrone::Renewed { backend_id, deadlines });
+        }
+    }
+    Ok(())
+}
+
+async fn apply_event(c: &Controller, drone: &DroneName, e: BackendEvent) -> Result<(), plane_store::StoreError> {
+    let update = BackendUpdate {
+        backend_id: e.backend_id.clone(),
+        status: e.status,
+        address: e.address,
+        exit_code: e.exit_code,
+        termination_reason: e.termination_reason,
+        termination_kind: e.termination_kind,
+        message: e.message,
+    };
+    match c.store().apply_update(drone, &update).await? {
+        ApplyOutcome::Advanced(entry) => {
+            tracing::debug!(%drone, backend_id = %e.backend_id, status = %e.status, "backend status");
+            if entry.status >= BackendStatus::Terminating {
+                c.broadcast_proxies(None, plane_types::protocol::ControllerToProxy::BackendRemoved {
+                    backend_id: e.backend_id.clone(),
+                });
+            }
+            c.publish(e.backend_id, entry);
+        }
+        ApplyOutcome::Stale => {}
+        ApplyOutcome::UnknownBackend => tracing::warn!(%drone, backend_id = %e.backend_id, "event for an unknown backend"),
+        ApplyOutcome::WrongDrone => {
+            tracing::warn!(%drone, backend_id = %e.backend_id, "event for a backend of another drone")
+        }
+    }
+    Ok(())
+}

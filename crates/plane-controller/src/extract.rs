@@ -1,0 +1,42 @@
+//! Request extractors that turn every parse failure into an [`HttpError`], so malformed
+//! JSON, wrong field types and invalid names in paths get an `ApiError` body with a 4xx
+//! instead of a framework rejection.
+
+use crate::error::HttpError;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use plane_types::api::ApiErrorKind;
+use serde::de::DeserializeOwned;
+use std::str::FromStr;
+
+/// A JSON body parsed with serde; any content type is accepted.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, HttpError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            let status = e.status();
+            let status = if status.is_client_error() { status } else { StatusCode::BAD_REQUEST };
+            HttpError::new(status, ApiErrorKind::Other, format!("cannot read the request body: {e}"))
+        })?;
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| HttpError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Parses a name from a URL path segment.
+pub fn path_name<T: FromStr>(what: &str, s: &str) -> Result<T, HttpError>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e| HttpError::bad_request(format!("invalid {what} {s:?} in path: {e}")))
+}
+
+/// Parses a cluster name from a URL path segment (`InvalidClusterName` on failure).
+pub fn path_cluster(s: &str) -> Result<plane_types::names::ClusterName, HttpError> {
+    s.parse().map_err(|e| {
+        HttpError::new(StatusCode::BAD_REQUEST, ApiErrorKind::InvalidClusterName, format!("invalid cluster name {s:?}: {e}"))
+    })
+}

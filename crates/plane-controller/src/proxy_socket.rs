@@ -1,0 +1,174 @@
+//! The proxy endpoint (`/ctrl/proxy-socket`): handshake, route lookups, keepalives; and
+//! route invalidations out (backend removed, token revoked).
+//!
+//! A route lookup for a backend that is not ready yet waits, bounded by `route_wait`,
+//! for its status to change; lookups run concurrently so one slow backend does not
+//! hold up others.
+
+use crate::drone_socket::next_text;
+use crate::state::Controller;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use plane_store::ProxyRegistration;
+use plane_types::protocol::{
+    ControllerToProxy, ProxyHello, ProxyToController, RouteInfo, RouteResult, PROTOCOL_VERSION,
+};
+use plane_types::status::BackendStatus;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Upgrades the request to the proxy socket.
+pub async fn handler(ws: WebSocketUpgrade, State(c): State<Arc<Controller>>) -> Response {
+    ws.on_upgrade(move |socket| async move {
+        let shutdown = c.shutdown.clone();
+        tokio::select! {
+            () = run(c, socket) => {}
+            () = shutdown.cancelled() => {}
+        }
+    })
+}
+
+fn encode(msg: &ControllerToProxy) -> Option<Message> {
+    serde_json::to_string(msg).ok().map(|s| Message::Text(s.into()))
+}
+
+async fn run(c: Arc<Controller>, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, next_text(&mut stream)).await {
+        Ok(Some(text)) => serde_json::from_str::<ProxyToController>(&text),
+        _ => return,
+    };
+    let hello: ProxyHello = match hello {
+        Ok(ProxyToController::Hello(h)) if h.protocol_version == PROTOCOL_VERSION => h,
+        other => {
+            let message = match other {
+                Ok(ProxyToController::Hello(h)) => format!(
+                    "protocol version {} is not supported; this controller speaks {PROTOCOL_VERSION}",
+                    h.protocol_version
+                ),
+                Ok(_) => "the first message must be Hello".to_owned(),
+                Err(e) => format!("invalid Hello: {e}"),
+            };
+            tracing::warn!(%message, "rejecting proxy");
+            if let Some(m) = encode(&ControllerToProxy::Reject { message }) {
+                let _ = sink.send(m).await;
+            }
+            let _ = sink.close().await;
+            return;
+        }
+    };
+    let reg = ProxyRegistration {
+        name: hello.name.clone(),
+        cluster: hello.cluster.clone(),
+        plane_version: hello.plane_version.clone(),
+        plane_hash: hello.plane_hash.clone(),
+        controller: c.config.name.clone(),
+    };
+    if let Err(e) = c.store().register_proxy(&reg).await {
+        tracing::error!(proxy = %hello.name, error = %e, "cannot register proxy");
+        return;
+    }
+    let welcome = ControllerToProxy::Welcome { protocol_version: PROTOCOL_VERSION, controller: c.config.name.clone() };
+    let Some(welcome) = encode(&welcome) else { return };
+    if sink.send(welcome).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<ControllerToProxy>();
+    let conn_id = c.conn_id();
+    c.add_proxy(conn_id, hello.cluster.clone(), tx.clone());
+    tracing::info!(proxy = %hello.name, cluster = %hello.cluster, "proxy connected");
+
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let Some(m) = encode(&msg) else { continue };
+            if sink.send(m).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    // Lookups in flight; aborted when the proxy goes away.
+    let mut lookups = JoinSet::new();
+    loop {
+        tokio::select! {
+            text = next_text(&mut stream) => {
+                let Some(text) = text else { break };
+                match serde_json::from_str::<ProxyToController>(&text) {
+                    Ok(ProxyToController::RouteRequest { token }) => {
+                        let c = c.clone();
+                        let tx = tx.clone();
+                        lookups.spawn(async move {
+                            let result = route(&c, &token).await;
+                            let _ = tx.send(ControllerToProxy::Route { token, result });
+                        });
+                    }
+                    Ok(ProxyToController::Keepalive { backends }) => {
+                        if let Err(e) = c.store().keepalive(&backends).await {
+                            tracing::warn!(error = %e, "cannot record keepalives");
+                        }
+                    }
+                    Ok(ProxyToController::Hello(_)) => tracing::warn!(proxy = %hello.name, "ignoring a second Hello"),
+                    Err(e) => tracing::warn!(proxy = %hello.name, error = %e, "ignoring an invalid message from a proxy"),
+                }
+            }
+            Some(_) = lookups.join_next(), if !lookups.is_empty() => {}
+        }
+    }
+    lookups.abort_all();
+    writer.abort();
+    c.remove_proxy(conn_id);
+    if let Err(e) = c.store().proxy_disconnected(&hello.name).await {
+        tracing::warn!(proxy = %hello.name, error = %e, "cannot record proxy disconnect");
+    }
+    tracing::info!(proxy = %hello.name, "proxy disconnected");
+}
+
+/// Where a token routes, waiting (bounded) for a starting backend to become ready.
+pub async fn route(c: &Controller, token: &str) -> RouteResult {
+    // Subscribe first so a change between the read and the wait is not missed.
+    let mut rx = c.subscribe();
+    let deadline = tokio::time::Instant::now() + c.config.timings.route_wait;
+    loop {
+        let r = match c.store().route(token).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return RouteResult::Gone,
+            Err(e) => {
+                tracing::error!(error = %e, "route lookup failed");
+                return RouteResult::NotReady;
+            }
+        };
+        if r.status >= BackendStatus::Terminating {
+            return RouteResult::Gone;
+        }
+        if r.status == BackendStatus::Ready {
+            if let Some(address) = r.address {
+                return RouteResult::Ready(RouteInfo {
+                    backend_id: r.backend_id,
+                    address,
+                    secret_token: r.secret_token,
+                    user: r.user,
+                    user_data: r.user_data,
+                    subdomain: r.subdomain,
+                });
+            }
+        }
+        // Wait for this backend's next status change.
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => return RouteResult::NotReady,
+                Ok(Ok(change)) if change.backend_id == r.backend_id => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(RecvError::Lagged(_))) => break,
+                Ok(Err(RecvError::Closed)) => return RouteResult::NotReady,
+            }
+        }
+    }
+}

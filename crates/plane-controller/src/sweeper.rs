@@ -1,0 +1,37 @@
+//! The background sweep: controller heartbeat, idle and lifetime terminations, and
+//! backends lost with their drone (lease expired without termination).
+
+use crate::state::Controller;
+use plane_types::protocol::{ControllerToDrone, ControllerToProxy};
+use std::sync::Arc;
+
+/// Runs until the controller shuts down.
+pub async fn run(c: Arc<Controller>) {
+    let mut tick = tokio::time::interval(c.config.timings.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = c.shutdown.cancelled() => return,
+        }
+        if let Err(e) = sweep_once(&c).await {
+            tracing::error!(error = %e, "sweep failed");
+        }
+    }
+}
+
+/// One pass of the sweep.
+pub async fn sweep_once(c: &Controller) -> Result<(), plane_store::StoreError> {
+    c.store().controller_heartbeat(&c.config.name).await?;
+    for t in c.store().sweep().await? {
+        tracing::info!(backend_id = %t.backend_id, reason = t.reason.as_str(), "sweeping backend");
+        // A disconnected drone gets it on reconnect (the request is recorded).
+        c.send_drone(&t.drone, ControllerToDrone::Terminate { backend_id: t.backend_id, kind: t.kind, reason: t.reason });
+    }
+    for (backend_id, entry) in c.store().mark_lost().await? {
+        tracing::warn!(%backend_id, "backend lost: its lease expired without it terminating");
+        c.broadcast_proxies(None, ControllerToProxy::BackendRemoved { backend_id: backend_id.clone() });
+        c.publish(backend_id, entry);
+    }
+    Ok(())
+}
