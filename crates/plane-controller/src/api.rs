@@ -43,9 +43,10 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/ctrl/b/{backend}/hard-terminate", post(hard_terminate))
         .route(DRONE_SOCKET_PATH, get(crate::drone_socket::handler))
         .route(PROXY_SOCKET_PATH, get(crate::proxy_socket::handler))
+        // Before the merge: the CORS layer of the public routes answers their preflights.
+        .method_not_allowed_fallback(method_not_allowed)
         .merge(public)
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
         .with_state(controller)
 }
 

@@ -22,7 +22,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             let status = if status.is_client_error() { status } else { StatusCode::BAD_REQUEST };
             HttpError::new(status, ApiErrorKind::Other, format!("cannot read the request body: {e}"))
         })?;
-        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| HttpError::bad_request(format!("invalid JSON body: {e}")))
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| HttpError::bad_request(format!("invalid JSON body: {e}")))?;
+        // serde would also accept the sequence form of a struct (`[]`); bodies are objects.
+        if !value.is_object() {
+            return Err(HttpError::bad_request("the request body must be a JSON object"));
+        }
+        T::deserialize(value).map(ApiJson).map_err(|e| HttpError::bad_request(format!("invalid request body: {e}")))
     }
 }
 
