@@ -1,1 +1,366 @@
-//! In-process cluster tests and benchmarks for Plane.
+//! A whole Plane cluster in one process: controller, drone and proxy on port 0 with
+//! short timings, for tests and benchmarks (Plane's `TestEnvironment`, made ours).
+//!
+//! Every component runs as a task with its own cancellation token, so a test can stop
+//! and restart the controller or the drone (their stores are files in a temporary
+//! directory) and watch the system converge. Waiting is done on events or by polling
+//! with a deadline, never by bare sleeps.
+
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use plane_client::PlaneClient;
+use plane_controller::{ControllerConfig, ControllerTimings};
+use plane_drone::{DroneConfig, DroneTimings, ProcessRuntimeConfig};
+use plane_proxy::ProxyConfig;
+use plane_store::sqlite::SqliteStore;
+use plane_store::SharedStore;
+use plane_types::api::{ConnectRequest, ConnectResponse, KeyConfig, SpawnConfig};
+use plane_types::lease::LeaseTimings;
+use plane_types::names::{BackendName, ClusterName, ControllerName, DroneName};
+use plane_types::status::{BackendStatus, StatusEntry};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long any wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Options of a test cluster.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Start a drone.
+    pub drone: bool,
+    /// The program that `"plane"` in a command resolves to (the built `plane` binary).
+    pub plane_binary: PathBuf,
+    /// The lease unit (renew at 3 units, expiry at 6).
+    pub lease_unit: Duration,
+    /// Sweep interval.
+    pub sweep_interval: Duration,
+    /// Drone heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// SIGTERM → SIGKILL grace.
+    pub soft_terminate_grace: Duration,
+    /// Startup timeout.
+    pub startup_timeout: Duration,
+    /// Proxy route wait.
+    pub route_wait: Duration,
+    /// Proxy keepalive interval.
+    pub keepalive_interval: Duration,
+}
+
+impl Options {
+    /// Short timings suitable for tests.
+    pub fn new(plane_binary: impl Into<PathBuf>) -> Options {
+        Options {
+            drone: true,
+            plane_binary: plane_binary.into(),
+            lease_unit: Duration::from_millis(500),
+            sweep_interval: Duration::from_millis(100),
+            heartbeat_interval: Duration::from_millis(200),
+            soft_terminate_grace: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(10),
+            route_wait: Duration::from_secs(10),
+            keepalive_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+struct Component {
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Component {
+    fn spawn<F: Future<Output = anyhow::Result<()>> + Send + 'static>(
+        shutdown: CancellationToken,
+        f: impl FnOnce(CancellationToken) -> F,
+    ) -> Component {
+        let task = tokio::spawn(f(shutdown.clone()));
+        Component { shutdown, task }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("component panicked")?
+    }
+}
+
+/// A running test cluster.
+pub struct TestCluster {
+    /// The options it was started with.
+    pub options: Options,
+    /// The controller's URL.
+    pub controller_url: String,
+    /// The cluster name (`localhost:<proxy port>`).
+    pub cluster: ClusterName,
+    /// Where the proxy listens.
+    pub proxy_addr: SocketAddr,
+    /// A client of the controller.
+    pub client: PlaneClient,
+    /// The controller's store (tests may read it; only the controller writes).
+    pub store: SharedStore,
+    /// An HTTP client that resolves the cluster's host to the proxy.
+    pub http: reqwest::Client,
+    controller_addr: SocketAddr,
+    controller_name: ControllerName,
+    controller: Option<Component>,
+    drone: Option<Component>,
+    proxy: Option<Component>,
+    /// Backends started through [`TestCluster::connect`], killed at shutdown.
+    spawned: std::sync::Mutex<Vec<BackendName>>,
+    dir: tempfile::TempDir,
+}
+
+/// Installs a test log subscriber once (`RUST_LOG` to see logs).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+impl TestCluster {
+    /// Starts a cluster.
+    pub async fn start(options: Options) -> anyhow::Result<TestCluster> {
+        init_logging();
+        let dir = tempfile::tempdir()?;
+        let store: SharedStore = Arc::new(SqliteStore::open(&dir.path().join("controller.db")).await?);
+        let controller_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let controller_addr = controller_listener.local_addr()?;
+        let proxy_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let proxy_addr = proxy_listener.local_addr()?;
+        let cluster: ClusterName = format!("localhost:{}", proxy_addr.port()).parse()?;
+        let controller_url = format!("http://{controller_addr}");
+        let http = reqwest::Client::builder().resolve("localhost", proxy_addr).build()?;
+        let mut tc = TestCluster {
+            client: PlaneClient::new(&controller_url)?,
+            options,
+            controller_url,
+            cluster,
+            proxy_addr,
+            store,
+            http,
+            controller_addr,
+            controller_name: ControllerName::new_random(),
+            controller: None,
+            drone: None,
+            proxy: None,
+            spawned: Default::default(),
+            dir,
+        };
+        tc.controller = Some(tc.spawn_controller(controller_listener));
+        tc.proxy = Some(tc.spawn_proxy(proxy_listener));
+        if tc.options.drone {
+            tc.start_drone().await?;
+        }
+        tc.wait_for(|s| !s.proxies.is_empty()).await.context("proxy did not connect")?;
+        Ok(tc)
+    }
+
+    fn controller_config(&self) -> ControllerConfig {
+        let mut config =
+            ControllerConfig::new(self.store.clone(), self.controller_url.clone(), Some(self.cluster.clone()));
+        config.name = self.controller_name.clone();
+        config.timings = ControllerTimings {
+            lease: LeaseTimings::scaled(self.options.lease_unit),
+            drone_unhealthy_after: self.options.heartbeat_interval * 10,
+            sweep_interval: self.options.sweep_interval,
+            route_wait: self.options.route_wait,
+            scheduler_candidates: 2,
+        };
+        config
+    }
+
+    fn spawn_controller(&self, listener: TcpListener) -> Component {
+        let config = self.controller_config();
+        Component::spawn(CancellationToken::new(), |s| plane_controller::serve(listener, config, s))
+    }
+
+    fn spawn_proxy(&self, listener: TcpListener) -> Component {
+        let mut config = ProxyConfig::new(self.controller_url.clone(), self.cluster.clone());
+        config.route_wait = self.options.route_wait;
+        config.keepalive_interval = self.options.keepalive_interval;
+        config.reconnect_min = Duration::from_millis(20);
+        config.reconnect_max = Duration::from_millis(200);
+        Component::spawn(CancellationToken::new(), |s| plane_proxy::run(listener, config, s))
+    }
+
+    /// The drone's configuration (its state store and logs live in the cluster's directory).
+    pub fn drone_config(&self) -> DroneConfig {
+        DroneConfig {
+            controller_url: self.controller_url.clone(),
+            name: None,
+            cluster: self.cluster.clone(),
+            pool: String::new(),
+            db_path: self.dir.path().join("drone.db"),
+            process: ProcessRuntimeConfig {
+                allow_commands: vec!["plane".into(), "sh".into(), "/bin/sh".into(), "/usr/bin/sh".into()],
+                program_aliases: HashMap::from([("plane".to_owned(), self.options.plane_binary.clone())]),
+                log_dir: self.dir.path().join("logs"),
+                bind_host: [127, 0, 0, 1].into(),
+            },
+            timings: DroneTimings {
+                heartbeat_interval: self.options.heartbeat_interval,
+                soft_terminate_grace: self.options.soft_terminate_grace,
+                startup_timeout: self.options.startup_timeout,
+                reconnect_min: Duration::from_millis(20),
+                reconnect_max: Duration::from_millis(200),
+                renew_retry: Duration::from_millis(100),
+            },
+        }
+    }
+
+    /// Starts the drone (again) and waits until it is ready in the cluster state.
+    pub async fn start_drone(&mut self) -> anyhow::Result<DroneName> {
+        if self.drone.is_some() {
+            bail!("the drone is running");
+        }
+        let config = self.drone_config();
+        self.drone = Some(Component::spawn(CancellationToken::new(), |s| plane_drone::run(config, s)));
+        let state = self.wait_for(|s| s.drones.iter().any(|d| d.ready)).await.context("drone did not connect")?;
+        match &state.drones.iter().find(|d| d.ready).map(|d| d.node.name.clone()) {
+            Some(plane_types::api::NodeName::Drone(n)) => Ok(n.clone()),
+            _ => bail!("no ready drone"),
+        }
+    }
+
+    /// Stops the drone (its backends keep running) and returns its result.
+    pub async fn stop_drone(&mut self) -> anyhow::Result<()> {
+        match self.drone.take() {
+            Some(d) => d.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the controller.
+    pub async fn stop_controller(&mut self) -> anyhow::Result<()> {
+        match self.controller.take() {
+            Some(c) => c.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Starts the controller again on the same address and store.
+    pub async fn start_controller(&mut self) -> anyhow::Result<()> {
+        if self.controller.is_some() {
+            bail!("the controller is running");
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let listener = loop {
+            match TcpListener::bind(self.controller_addr).await {
+                Ok(l) => break l,
+                Err(e) if tokio::time::Instant::now() > deadline => return Err(e.into()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        self.controller = Some(self.spawn_controller(listener));
+        Ok(())
+    }
+
+    /// Polls the cluster state until `pred` holds.
+    pub async fn wait_for(
+        &self,
+        pred: impl Fn(&plane_types::api::ClusterState) -> bool,
+    ) -> anyhow::Result<plane_types::api::ClusterState> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(state) = self.client.cluster_state(&self.cluster).await {
+                if pred(&state) {
+                    return Ok(state);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("cluster state condition not reached within {WAIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A connect request for `key` running `command` (program and arguments).
+    pub fn spawn_request(&self, key: &str, command: &[&str]) -> ConnectRequest {
+        ConnectRequest {
+            key: Some(KeyConfig { name: key.into(), namespace: String::new(), tag: String::new() }),
+            spawn_config: Some(SpawnConfig {
+                id: None,
+                cluster: None,
+                pool: None,
+                executable: serde_json::json!({ "command": command }),
+                lifetime_limit_seconds: None,
+                max_idle_seconds: None,
+                use_static_token: false,
+                subdomain: None,
+            }),
+            user: None,
+            auth: None,
+        }
+    }
+
+    /// A connect request for the demo backend.
+    pub fn demo_request(&self, key: &str) -> ConnectRequest {
+        self.spawn_request(key, &["plane", "demo-backend"])
+    }
+
+    /// Connects, remembering the backend so [`TestCluster::shutdown`] stops it.
+    pub async fn connect(&self, req: &ConnectRequest) -> Result<ConnectResponse, plane_client::ClientError> {
+        let res = self.client.connect(req).await?;
+        self.spawned.lock().unwrap_or_else(|p| p.into_inner()).push(res.backend_id.clone());
+        Ok(res)
+    }
+
+    /// Connects and waits until the backend is ready.
+    pub async fn connect_ready(&self, req: &ConnectRequest) -> anyhow::Result<ConnectResponse> {
+        let res = self.connect(req).await?;
+        self.wait_status(&res.backend_id, BackendStatus::Ready).await?;
+        Ok(res)
+    }
+
+    /// Follows the status stream until `status` (or later) is reached; returns that entry.
+    pub async fn wait_status(&self, id: &BackendName, status: BackendStatus) -> anyhow::Result<StatusEntry> {
+        let fut = async {
+            let mut stream = self.client.status_stream(id, None).await?;
+            while let Some(entry) = stream.next().await {
+                let entry = entry?;
+                if entry.status >= status {
+                    return Ok(entry);
+                }
+            }
+            bail!("status stream of {id} ended before {status}")
+        };
+        match tokio::time::timeout(WAIT, fut).await {
+            Ok(r) => r,
+            Err(_) => bail!("backend {id} did not reach {status} within {WAIT:?}"),
+        }
+    }
+
+    /// The data directory of this cluster.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Hard-terminates the backends started through [`TestCluster::connect`] (waiting
+    /// for them if the drone runs), then stops every component.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let spawned = std::mem::take(&mut *self.spawned.lock().unwrap_or_else(|p| p.into_inner()));
+        if self.drone.is_some() && self.controller.is_some() {
+            for id in spawned {
+                if self.client.status(&id).await.is_ok_and(|s| s.status.is_terminal()) {
+                    continue;
+                }
+                self.client.hard_terminate(&id).await?;
+                self.wait_status(&id, BackendStatus::Terminated).await?;
+            }
+        }
+        for c in [self.proxy.take(), self.drone.take(), self.controller.take()].into_iter().flatten() {
+            c.stop().await?;
+        }
+        Ok(())
+    }
+}

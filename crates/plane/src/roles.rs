@@ -1,41 +1,328 @@
 //! The server roles of the `plane` binary: `controller`, `drone`, `proxy` and `dev`.
 //!
-//! Owned by the core team; the CLI in `main.rs` only dispatches here.
+//! Each role parses its flags into its component's config struct, binds its listener
+//! and runs until Ctrl-C/SIGTERM. `dev` runs all three in one process on an embedded
+//! SQLite store with the process runtime.
 
-use clap::Args;
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use plane_client::PlaneClient;
+use plane_controller::ControllerConfig;
+use plane_drone::{DroneConfig, DroneTimings, ProcessRuntimeConfig};
+use plane_proxy::ProxyConfig;
+use plane_store::sqlite::SqliteStore;
+use plane_store::SharedStore;
+use plane_types::api::{ConnectRequest, KeyConfig, SpawnConfig};
+use plane_types::names::{ClusterName, DroneName};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// Flags of `plane controller`.
 #[derive(Debug, Args)]
-pub struct ControllerArgs {}
+pub struct ControllerArgs {
+    /// The store: a SQLite file path, or a `sqlite:` URL.
+    #[arg(long, env = "PLANE_DB", default_value = "plane.db")]
+    db: String,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to bind.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Cluster used when a connect request names none.
+    #[arg(long)]
+    default_cluster: Option<ClusterName>,
+    /// The controller's public URL, used in `status_url` (default: http://<host>:<port>).
+    #[arg(long)]
+    controller_url: Option<String>,
+}
+
+/// Which runtime a drone uses.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RuntimeChoice {
+    /// Backends are child processes of the drone.
+    Process,
+}
 
 /// Flags of `plane drone`.
 #[derive(Debug, Args)]
-pub struct DroneArgs {}
+pub struct DroneArgs {
+    /// The controller to connect to.
+    #[arg(long, env = "PLANE_CONTROLLER_URL", default_value = "http://127.0.0.1:8080")]
+    controller_url: String,
+    /// The cluster this drone serves.
+    #[arg(long)]
+    cluster: ClusterName,
+    /// The pool within the cluster.
+    #[arg(long, default_value = "")]
+    pool: String,
+    /// The drone's local state store (SQLite file).
+    #[arg(long, default_value = "plane-drone.db")]
+    db: PathBuf,
+    /// The drone's name (default: the one in its state store, or a new random one).
+    #[arg(long)]
+    name: Option<DroneName>,
+    /// The runtime that runs backends.
+    #[arg(long, value_enum, default_value = "process")]
+    runtime: RuntimeChoice,
+    /// Programs the process runtime may run (glob patterns; repeat the flag).
+    #[arg(long = "allow-command")]
+    allow_commands: Vec<String>,
+    /// Where backend logs go (default: `logs` next to the state store).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Address backends listen on and are reached at.
+    #[arg(long, default_value = "127.0.0.1")]
+    backend_host: IpAddr,
+    /// Seconds between SIGTERM and SIGKILL on a soft termination.
+    #[arg(long, default_value_t = 30)]
+    soft_terminate_grace_seconds: u64,
+    /// Seconds a backend may take to answer HTTP before it is killed.
+    #[arg(long, default_value_t = 300)]
+    startup_timeout_seconds: u64,
+}
 
 /// Flags of `plane proxy`.
 #[derive(Debug, Args)]
-pub struct ProxyArgs {}
+pub struct ProxyArgs {
+    /// The controller to connect to.
+    #[arg(long, env = "PLANE_CONTROLLER_URL", default_value = "http://127.0.0.1:8080")]
+    controller_url: String,
+    /// The cluster this proxy serves (the Host clients use).
+    #[arg(long)]
+    cluster: ClusterName,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: IpAddr,
+    /// HTTP port to bind.
+    #[arg(long, default_value_t = 9090)]
+    http_port: u16,
+    /// Seconds a request waits for a starting backend.
+    #[arg(long, default_value_t = 30)]
+    route_wait_seconds: u64,
+}
 
 /// Flags of `plane dev`.
 #[derive(Debug, Args)]
-pub struct DevArgs {}
+pub struct DevArgs {
+    /// Where the stores and backend logs live.
+    #[arg(long, default_value = ".plane")]
+    data_dir: PathBuf,
+    /// Controller port.
+    #[arg(long, default_value_t = 8080)]
+    controller_port: u16,
+    /// Proxy port; the cluster is `localhost:<proxy port>`.
+    #[arg(long, default_value_t = 9090)]
+    proxy_port: u16,
+    /// More programs backends may run (glob patterns; the demo backend is always allowed).
+    #[arg(long = "allow-command")]
+    allow_commands: Vec<String>,
+    /// Start a demo backend (key `demo`) and print its URL.
+    #[arg(long)]
+    demo: bool,
+    /// Seconds between SIGTERM and SIGKILL on a soft termination.
+    #[arg(long, default_value_t = 10)]
+    soft_terminate_grace_seconds: u64,
+}
+
+/// Cancelled on Ctrl-C or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+async fn open_store(db: &str) -> anyhow::Result<SharedStore> {
+    if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+        bail!("PostgreSQL stores are not supported by this build yet; use a SQLite path");
+    }
+    let store = if db.starts_with("sqlite:") {
+        SqliteStore::open_url(db).await
+    } else {
+        SqliteStore::open(Path::new(db)).await
+    }
+    .with_context(|| format!("cannot open the store {db:?}"))?;
+    Ok(Arc::new(store))
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot bind the {what} to {addr}"))
+}
 
 /// Runs `plane controller`.
-pub async fn run_controller(_args: ControllerArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the controller role is being written")
+pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.db).await?;
+    let listener = bind(SocketAddr::new(args.host, args.port), "controller").await?;
+    let url = args.controller_url.unwrap_or_else(|| format!("http://{}", SocketAddr::new(args.host, args.port)));
+    let config = ControllerConfig::new(store, url, args.default_cluster);
+    plane_controller::serve(listener, config, shutdown_on_signal()).await
 }
 
 /// Runs `plane drone`.
-pub async fn run_drone(_args: DroneArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the drone role is being written")
+pub async fn run_drone(args: DroneArgs) -> anyhow::Result<()> {
+    let RuntimeChoice::Process = args.runtime;
+    if args.allow_commands.is_empty() {
+        tracing::warn!("no --allow-command given: this drone will refuse every process backend");
+    }
+    let log_dir = args.log_dir.unwrap_or_else(|| args.db.parent().unwrap_or(Path::new(".")).join("logs"));
+    let config = DroneConfig {
+        controller_url: args.controller_url,
+        name: args.name,
+        cluster: args.cluster,
+        pool: args.pool,
+        db_path: args.db,
+        process: ProcessRuntimeConfig {
+            allow_commands: args.allow_commands,
+            program_aliases: HashMap::new(),
+            log_dir,
+            bind_host: args.backend_host,
+        },
+        timings: DroneTimings {
+            soft_terminate_grace: Duration::from_secs(args.soft_terminate_grace_seconds),
+            startup_timeout: Duration::from_secs(args.startup_timeout_seconds),
+            ..DroneTimings::default()
+        },
+    };
+    plane_drone::run(config, shutdown_on_signal()).await
 }
 
 /// Runs `plane proxy`.
-pub async fn run_proxy(_args: ProxyArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the proxy role is being written")
+pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    let listener = bind(SocketAddr::new(args.host, args.http_port), "proxy").await?;
+    let mut config = ProxyConfig::new(args.controller_url, args.cluster);
+    config.route_wait = Duration::from_secs(args.route_wait_seconds);
+    plane_proxy::run(listener, config, shutdown_on_signal()).await
 }
 
-/// Runs `plane dev`.
-pub async fn run_dev(_args: DevArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the dev role is being written")
+/// Runs `plane dev`: controller, drone and proxy in one process.
+pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize().context("cannot resolve the data directory")?;
+    let cluster: ClusterName = format!("localhost:{}", args.proxy_port).parse().context("invalid proxy port")?;
+    let controller_url = format!("http://127.0.0.1:{}", args.controller_port);
+    let shutdown = shutdown_on_signal();
+
+    let store = open_store(&data_dir.join("controller.db").to_string_lossy()).await?;
+    let controller_listener =
+        bind(SocketAddr::from(([127, 0, 0, 1], args.controller_port)), "controller (use --controller-port)").await?;
+    let proxy_listener = bind(SocketAddr::from(([127, 0, 0, 1], args.proxy_port)), "proxy (use --proxy-port)").await?;
+
+    let exe = std::env::current_exe().context("cannot find the plane executable")?;
+    let mut allow_commands = vec!["plane".to_owned(), exe.to_string_lossy().into_owned()];
+    allow_commands.extend(args.allow_commands.iter().cloned());
+    let drone_config = DroneConfig {
+        controller_url: controller_url.clone(),
+        name: None,
+        cluster: cluster.clone(),
+        pool: String::new(),
+        db_path: data_dir.join("drone.db"),
+        process: ProcessRuntimeConfig {
+            allow_commands,
+            program_aliases: HashMap::from([("plane".to_owned(), exe)]),
+            log_dir: data_dir.join("logs"),
+            bind_host: IpAddr::from([127, 0, 0, 1]),
+        },
+        timings: DroneTimings {
+            soft_terminate_grace: Duration::from_secs(args.soft_terminate_grace_seconds),
+            ..DroneTimings::default()
+        },
+    };
+    let controller_config = ControllerConfig::new(store, controller_url.clone(), Some(cluster.clone()));
+    let proxy_config = ProxyConfig::new(controller_url.clone(), cluster.clone());
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(plane_controller::serve(controller_listener, controller_config, shutdown.clone()));
+    tasks.spawn(plane_drone::run(drone_config, shutdown.clone()));
+    tasks.spawn(plane_proxy::run(proxy_listener, proxy_config, shutdown.clone()));
+
+    let client = PlaneClient::new(&controller_url)?;
+    tokio::select! {
+        r = wait_for_drone(&client, &cluster) => r?,
+        Some(r) = tasks.join_next() => return component_ended(r, &shutdown, &mut tasks).await,
+    }
+    print_welcome(&controller_url, &cluster, &data_dir);
+    if args.demo {
+        start_demo(&client).await?;
+    }
+    match tasks.join_next().await {
+        Some(r) => component_ended(r, &shutdown, &mut tasks).await,
+        None => Ok(()),
+    }
+}
+
+/// One component stopped: stop the others and report the first failure.
+async fn component_ended(
+    first: Result<anyhow::Result<()>, tokio::task::JoinError>,
+    shutdown: &CancellationToken,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    shutdown.cancel();
+    let mut result = first.context("a component panicked").and_then(|r| r);
+    while let Some(r) = tasks.join_next().await {
+        if result.is_ok() {
+            result = r.context("a component panicked").and_then(|r| r);
+        }
+    }
+    result
+}
+
+async fn wait_for_drone(client: &PlaneClient, cluster: &ClusterName) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(state) = client.cluster_state(cluster).await {
+            if state.drones.iter().any(|d| d.ready) && !state.proxies.is_empty() {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the drone and proxy did not connect to the controller within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn print_welcome(controller_url: &str, cluster: &ClusterName, data_dir: &Path) {
+    println!(
+        "\nPlane is running.\n  controller  {controller_url}\n  proxy       http://{cluster}  (cluster {cluster})\n  data        {}\n\n\
+         Start a backend and open its URL in two browser tabs:\n  plane connect --key room1 --command \"plane demo-backend\"\n\n\
+         Then try:\n  plane status <backend id>\n  plane terminate <backend id>\n  plane cluster-state --cluster {cluster}\n\n\
+         Press Ctrl-C to stop.\n",
+        data_dir.display()
+    );
+}
+
+async fn start_demo(client: &PlaneClient) -> anyhow::Result<()> {
+    let req = ConnectRequest {
+        key: Some(KeyConfig { name: "demo".into(), namespace: String::new(), tag: String::new() }),
+        spawn_config: Some(SpawnConfig {
+            id: None,
+            cluster: None,
+            pool: None,
+            executable: serde_json::json!({"command": ["plane", "demo-backend"]}),
+            lifetime_limit_seconds: None,
+            max_idle_seconds: None,
+            use_static_token: false,
+            subdomain: None,
+        }),
+        user: None,
+        auth: None,
+    };
+    let res = client.connect(&req).await.context("cannot start the demo backend")?;
+    println!("Demo backend {} ({}):\n  {}\n", res.backend_id, if res.spawned { "started" } else { "already running" }, res.url);
+    Ok(())
 }
