@@ -1,1 +1,138 @@
 //! The Plane drone: runs backends through a runtime and reports their lifecycle.
+//!
+//! A drone connects to a controller (`/ctrl/drone-socket`), receives `Spawn` and
+//! `Terminate` actions, drives each backend through its statuses, reports every status
+//! change, renews key leases, and terminates a backend by itself when its lease cannot
+//! be renewed. It keeps a local SQLite state store so that a restarted drone re-adopts
+//! the backends still running instead of killing them.
+//!
+//! Layout:
+//! * [`config`]: [`DroneConfig`], [`ProcessRuntimeConfig`], [`DroneTimings`].
+//! * [`state`]: the SQLite state store — drone name, backend records, event outbox.
+//! * `connection`: the WebSocket loop — handshake, heartbeats, outbox re-sends, backoff.
+//! * `drone`: routes controller messages to backend tasks; resumes recorded backends.
+//! * `backend`: the per-backend state machine (one task per backend).
+//! * [`runtime`]: the runtime-neutral [`Runtime`] trait and the process runtime.
+//!
+//! **Architecture invariant:** every status change is in the state store's outbox before
+//! it is sent, and is re-sent (after reconnects and restarts too) until acked.
+//!
+//! **Architecture invariant:** the state machine (`backend`) knows runtimes only through
+//! [`Runtime`]; nothing outside `runtime::process` knows about pids.
+//!
+//! **Architecture invariant:** stopping the drone never stops its backends.
+
+pub mod config;
+pub mod runtime;
+pub mod state;
+
+mod backend;
+mod connection;
+mod drone;
+
+#[cfg(test)]
+mod test_util;
+#[cfg(test)]
+mod tests;
+
+pub use config::{DroneConfig, DroneTimings, ProcessRuntimeConfig};
+pub use runtime::process::{ProcessHandle, ProcessRuntime};
+pub use runtime::{
+    Adoption, BackendSpec, ExitInfo, LoadProgress, Runtime, RuntimeError, RuntimeHandle, StartedBackend, StopSignal,
+};
+pub use state::{StateError, StateStore};
+
+use anyhow::Context;
+use backend::BackendContext;
+use plane_types::names::DroneName;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+/// Terminated backends are forgotten this long after they ended (once their events are
+/// acked), so a late duplicate `Spawn` or `Terminate` still finds them.
+const KEEP_TERMINATED: Duration = Duration::from_secs(3600);
+
+/// Runs a drone until `shutdown` is cancelled.
+///
+/// On shutdown it stops talking to the controller and returns, leaving running backends
+/// alone: the next run with the same `db_path` re-adopts them. Fails only on setup
+/// errors that retrying cannot fix — the state database cannot be opened, the
+/// controller URL or an allow pattern is invalid, or the controller rejects the
+/// handshake (e.g. a protocol version mismatch). Connection failures are retried
+/// forever with backoff.
+pub async fn run(config: DroneConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let url = connection::socket_url(&config.controller_url)?;
+    if url.starts_with("wss://") {
+        // Several rustls providers may be compiled in; pick one unless someone did.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let store = StateStore::open(&config.db_path)
+        .await
+        .with_context(|| format!("opening the drone state store {}", config.db_path.display()))?;
+    let result = run_with_store(config, url, &store, shutdown).await;
+    store.close().await;
+    result
+}
+
+async fn drone_name(config: &DroneConfig, store: &StateStore) -> anyhow::Result<DroneName> {
+    let stored = store.drone_name().await.context("reading the drone name")?;
+    let name = match (&config.name, stored) {
+        (Some(name), Some(stored)) if *name == stored => return Ok(stored),
+        (Some(name), stored) => {
+            if let Some(stored) = stored {
+                warn!(%stored, configured = %name, "the configured drone name differs from the stored one; using the configured name");
+            }
+            name.clone()
+        }
+        (None, Some(stored)) => return Ok(stored),
+        (None, None) => DroneName::new_random(),
+    };
+    store.set_drone_name(&name).await.context("storing the drone name")?;
+    Ok(name)
+}
+
+async fn run_with_store(
+    config: DroneConfig,
+    url: String,
+    store: &StateStore,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let name = drone_name(&config, store).await?;
+    let span = tracing::info_span!("drone", drone = %name);
+    async move {
+        let cutoff = state::now_ms().saturating_sub(KEEP_TERMINATED.as_millis() as u64);
+        if let Err(err) = store.prune_terminated(cutoff).await {
+            warn!(%err, "could not prune old backend records");
+        }
+        let tasks = shutdown.child_token();
+        let process = ProcessRuntime::new(config.process.clone(), tasks.child_token())
+            .context("configuring the process runtime")?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let ctx = BackendContext {
+            store: store.clone(),
+            outgoing: tx,
+            timings: config.timings,
+        };
+        let mut drone = drone::Drone::new(vec![Arc::new(process) as Arc<dyn Runtime>], ctx, tasks.clone());
+        drone
+            .recover()
+            .await
+            .context("reading the backends recorded by an earlier run")?;
+
+        let identity = connection::Identity {
+            name,
+            cluster: config.cluster.clone(),
+            pool: config.pool.clone(),
+        };
+        info!(controller = %url, "drone starting");
+        let result = connection::run(&url, &identity, &mut drone, store, &mut rx, &config.timings, &shutdown).await;
+        tasks.cancel();
+        drone.shutdown().await;
+        info!("drone stopped; its backends keep running");
+        result
+    }
+    .instrument(span)
+    .await
+}
