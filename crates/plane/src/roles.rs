@@ -160,14 +160,18 @@ async fn open_store(db: &str) -> anyhow::Result<SharedStore> {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("cannot bind the {what} to {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind the {what} to {addr}"))
 }
 
 /// Runs `plane controller`.
 pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let store = open_store(&args.db).await?;
     let listener = bind(SocketAddr::new(args.host, args.port), "controller").await?;
-    let url = args.controller_url.unwrap_or_else(|| format!("http://{}", SocketAddr::new(args.host, args.port)));
+    let url = args
+        .controller_url
+        .unwrap_or_else(|| format!("http://{}", SocketAddr::new(args.host, args.port)));
     let config = ControllerConfig::new(store, url, args.default_cluster);
     plane_controller::serve(listener, config, shutdown_on_signal()).await
 }
@@ -178,7 +182,9 @@ pub async fn run_drone(args: DroneArgs) -> anyhow::Result<()> {
     if args.allow_commands.is_empty() {
         tracing::warn!("no --allow-command given: this drone will refuse every process backend");
     }
-    let log_dir = args.log_dir.unwrap_or_else(|| args.db.parent().unwrap_or(Path::new(".")).join("logs"));
+    let log_dir = args
+        .log_dir
+        .unwrap_or_else(|| args.db.parent().unwrap_or(Path::new(".")).join("logs"));
     let config = DroneConfig {
         controller_url: args.controller_url,
         name: args.name,
@@ -212,15 +218,27 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
 pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
-    let data_dir = args.data_dir.canonicalize().context("cannot resolve the data directory")?;
-    let cluster: ClusterName = format!("localhost:{}", args.proxy_port).parse().context("invalid proxy port")?;
+    let data_dir = args
+        .data_dir
+        .canonicalize()
+        .context("cannot resolve the data directory")?;
+    let cluster: ClusterName = format!("localhost:{}", args.proxy_port)
+        .parse()
+        .context("invalid proxy port")?;
     let controller_url = format!("http://127.0.0.1:{}", args.controller_port);
     let shutdown = shutdown_on_signal();
 
     let store = open_store(&data_dir.join("controller.db").to_string_lossy()).await?;
-    let controller_listener =
-        bind(SocketAddr::from(([127, 0, 0, 1], args.controller_port)), "controller (use --controller-port)").await?;
-    let proxy_listener = bind(SocketAddr::from(([127, 0, 0, 1], args.proxy_port)), "proxy (use --proxy-port)").await?;
+    let controller_listener = bind(
+        SocketAddr::from(([127, 0, 0, 1], args.controller_port)),
+        "controller (use --controller-port)",
+    )
+    .await?;
+    let proxy_listener = bind(
+        SocketAddr::from(([127, 0, 0, 1], args.proxy_port)),
+        "proxy (use --proxy-port)",
+    )
+    .await?;
 
     let exe = std::env::current_exe().context("cannot find the plane executable")?;
     let mut allow_commands = vec!["plane".to_owned(), exe.to_string_lossy().into_owned()];
@@ -246,7 +264,11 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
     let proxy_config = ProxyConfig::new(controller_url.clone(), cluster.clone());
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(plane_controller::serve(controller_listener, controller_config, shutdown.clone()));
+    tasks.spawn(plane_controller::serve(
+        controller_listener,
+        controller_config,
+        shutdown.clone(),
+    ));
     tasks.spawn(plane_drone::run(drone_config, shutdown.clone()));
     tasks.spawn(plane_proxy::run(proxy_listener, proxy_config, shutdown.clone()));
 
@@ -308,7 +330,11 @@ fn print_welcome(controller_url: &str, cluster: &ClusterName, data_dir: &Path) {
 
 async fn start_demo(client: &PlaneClient) -> anyhow::Result<()> {
     let req = ConnectRequest {
-        key: Some(KeyConfig { name: "demo".into(), namespace: String::new(), tag: String::new() }),
+        key: Some(KeyConfig {
+            name: "demo".into(),
+            namespace: String::new(),
+            tag: String::new(),
+        }),
         spawn_config: Some(SpawnConfig {
             id: None,
             cluster: None,
@@ -323,6 +349,11 @@ async fn start_demo(client: &PlaneClient) -> anyhow::Result<()> {
         auth: None,
     };
     let res = client.connect(&req).await.context("cannot start the demo backend")?;
-    println!("Demo backend {} ({}):\n  {}\n", res.backend_id, if res.spawned { "started" } else { "already running" }, res.url);
+    println!(
+        "Demo backend {} ({}):\n  {}\n",
+        res.backend_id,
+        if res.spawned { "started" } else { "already running" },
+        res.url
+    );
     Ok(())
 }
