@@ -462,6 +462,18 @@ async fn drone_restart_resends_unacked_events_and_keeps_backends() {
         .post(format!("http://{exiting_addr}/debug/exit?code=4"))
         .send()
         .await;
+    // Wait until the drone's outbox holds the unacked `terminated` event.
+    let outbox = plane_drone::StateStore::open(&tc.drone_config().db_path).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let events = outbox.unacked_events().await.unwrap();
+        if events.iter().any(|e| e.backend_id == exiting.backend_id && e.status == BackendStatus::Terminated) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the exit never reached the outbox: {events:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    outbox.close().await;
     // The drone restarts while the event is still unacked.
     tc.stop_drone().await.unwrap();
     tc.start_controller().await.unwrap();
