@@ -6,20 +6,17 @@
 //! store failure closes the socket so the drone re-sends everything unacked.
 
 use crate::state::Controller;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use crate::socket::{handshake, next_text, send, spawn_writer, First};
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use plane_store::{ApplyOutcome, BackendUpdate, DroneRegistration};
 use plane_types::names::DroneName;
 use plane_types::protocol::{BackendEvent, ControllerToDrone, DroneHello, DroneToController, PROTOCOL_VERSION};
 use plane_types::status::BackendStatus;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::mpsc;
-
-/// How long a new connection may take to say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Upgrades the request to the drone socket.
 pub async fn handler(ws: WebSocketUpgrade, State(c): State<Arc<Controller>>) -> Response {
@@ -32,46 +29,18 @@ pub async fn handler(ws: WebSocketUpgrade, State(c): State<Arc<Controller>>) -> 
     })
 }
 
-fn encode<T: serde::Serialize>(msg: &T) -> Option<Message> {
-    serde_json::to_string(msg).ok().map(|s| Message::Text(s.into()))
-}
-
-/// Reads the next protocol message; `None` when the socket closes.
-pub(crate) async fn next_text(socket: &mut futures_util::stream::SplitStream<WebSocket>) -> Option<String> {
-    while let Some(msg) = socket.next().await {
-        match msg {
-            Ok(Message::Text(t)) => return Some(t.to_string()),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => {}
-        }
-    }
-    None
-}
-
 async fn run(c: Arc<Controller>, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, next_text(&mut stream)).await {
-        Ok(Some(text)) => serde_json::from_str::<DroneToController>(&text),
-        _ => return,
-    };
-    let hello: DroneHello = match hello {
-        Ok(DroneToController::Hello(h)) if h.protocol_version == PROTOCOL_VERSION => h,
-        other => {
-            let message = match other {
-                Ok(DroneToController::Hello(h)) => format!(
-                    "protocol version {} is not supported; this controller speaks {PROTOCOL_VERSION}",
-                    h.protocol_version
-                ),
-                Ok(_) => "the first message must be Hello".to_owned(),
-                Err(e) => format!("invalid Hello: {e}"),
-            };
-            tracing::warn!(%message, "rejecting drone");
-            if let Some(m) = encode(&ControllerToDrone::Reject { message }) {
-                let _ = sink.send(m).await;
-            }
-            let _ = sink.close().await;
-            return;
+    let classify = |m| match m {
+        DroneToController::Hello(h) => {
+            let v = h.protocol_version;
+            First::Hello(h, v)
         }
+        _ => First::Other,
+    };
+    let reject = |message| ControllerToDrone::Reject { message };
+    let Some(hello): Option<DroneHello> = handshake(&mut sink, &mut stream, "drone", classify, reject).await else {
+        return;
     };
     let drone = hello.name.clone();
     let reg = DroneRegistration {
@@ -88,24 +57,15 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
         return;
     }
     let welcome = ControllerToDrone::Welcome { protocol_version: PROTOCOL_VERSION, controller: c.config.name.clone() };
-    let Some(welcome) = encode(&welcome) else { return };
-    if sink.send(welcome).await.is_err() {
+    if !send(&mut sink, &welcome).await {
         return;
     }
-    let (tx, mut rx) = mpsc::unbounded_channel::<ControllerToDrone>();
+    let (tx, rx) = mpsc::unbounded_channel::<ControllerToDrone>();
     let conn_id = c.conn_id();
     c.add_drone(drone.clone(), conn_id, tx, hello.local_time);
     tracing::info!(%drone, cluster = %hello.cluster, pool = %hello.pool, "drone connected");
 
-    let writer = tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
-            let Some(m) = encode(&msg) else { continue };
-            if sink.send(m).await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let writer = spawn_writer(sink, rx);
 
     if let Err(e) = resend_pending(&c, &drone).await {
         tracing::error!(%drone, error = %e, "cannot re-send pending actions");

@@ -4,7 +4,8 @@
 //! * [`api`]: the HTTP routes (compatible with Plane 0.5) and the status stream;
 //! * [`connect`]: get-or-create a backend for a key, issue tokens;
 //! * [`scheduler`]: drone choice;
-//! * [`drone_socket`] / [`proxy_socket`]: the internal WebSocket protocol;
+//! * [`drone_socket`] / [`proxy_socket`]: the internal WebSocket protocol (shared
+//!   plumbing in `socket`);
 //! * [`sweeper`]: idle, lifetime and lost-backend sweeps;
 //! * [`state`]: connections and the status bus; [`error`] / [`extract`]: the HTTP edge.
 //!
@@ -19,6 +20,7 @@ pub mod error;
 pub mod extract;
 pub mod proxy_socket;
 pub mod scheduler;
+mod socket;
 pub mod state;
 pub mod sweeper;
 
@@ -37,6 +39,11 @@ pub async fn serve(listener: TcpListener, config: ControllerConfig, shutdown: Ca
     tracing::info!(name = %controller.config.name, addr = ?listener.local_addr().ok(), "controller listening");
     let sweeper = tokio::spawn(sweeper::run(controller.clone()));
     let app = api::router(controller.clone());
+    // Small frames (acks, SSE events) must not wait for Nagle's algorithm: on loopback
+    // with delayed ACKs that costs up to 40 ms per exchange, on the cold-start path.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
     controller.shutdown.cancel();
     let _ = sweeper.await;

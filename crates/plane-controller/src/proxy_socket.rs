@@ -5,24 +5,21 @@
 //! for its status to change; lookups run concurrently so one slow backend does not
 //! hold up others.
 
-use crate::drone_socket::next_text;
+use crate::socket::{handshake, next_text, send, spawn_writer, First};
 use crate::state::Controller;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use plane_store::ProxyRegistration;
 use plane_types::protocol::{
     ControllerToProxy, ProxyHello, ProxyToController, RouteInfo, RouteResult, PROTOCOL_VERSION,
 };
 use plane_types::status::BackendStatus;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Upgrades the request to the proxy socket.
 pub async fn handler(ws: WebSocketUpgrade, State(c): State<Arc<Controller>>) -> Response {
@@ -35,34 +32,18 @@ pub async fn handler(ws: WebSocketUpgrade, State(c): State<Arc<Controller>>) -> 
     })
 }
 
-fn encode(msg: &ControllerToProxy) -> Option<Message> {
-    serde_json::to_string(msg).ok().map(|s| Message::Text(s.into()))
-}
-
 async fn run(c: Arc<Controller>, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, next_text(&mut stream)).await {
-        Ok(Some(text)) => serde_json::from_str::<ProxyToController>(&text),
-        _ => return,
-    };
-    let hello: ProxyHello = match hello {
-        Ok(ProxyToController::Hello(h)) if h.protocol_version == PROTOCOL_VERSION => h,
-        other => {
-            let message = match other {
-                Ok(ProxyToController::Hello(h)) => format!(
-                    "protocol version {} is not supported; this controller speaks {PROTOCOL_VERSION}",
-                    h.protocol_version
-                ),
-                Ok(_) => "the first message must be Hello".to_owned(),
-                Err(e) => format!("invalid Hello: {e}"),
-            };
-            tracing::warn!(%message, "rejecting proxy");
-            if let Some(m) = encode(&ControllerToProxy::Reject { message }) {
-                let _ = sink.send(m).await;
-            }
-            let _ = sink.close().await;
-            return;
+    let classify = |m| match m {
+        ProxyToController::Hello(h) => {
+            let v = h.protocol_version;
+            First::Hello(h, v)
         }
+        _ => First::Other,
+    };
+    let reject = |message| ControllerToProxy::Reject { message };
+    let Some(hello): Option<ProxyHello> = handshake(&mut sink, &mut stream, "proxy", classify, reject).await else {
+        return;
     };
     let reg = ProxyRegistration {
         name: hello.name.clone(),
@@ -76,24 +57,15 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
         return;
     }
     let welcome = ControllerToProxy::Welcome { protocol_version: PROTOCOL_VERSION, controller: c.config.name.clone() };
-    let Some(welcome) = encode(&welcome) else { return };
-    if sink.send(welcome).await.is_err() {
+    if !send(&mut sink, &welcome).await {
         return;
     }
-    let (tx, mut rx) = mpsc::unbounded_channel::<ControllerToProxy>();
+    let (tx, rx) = mpsc::unbounded_channel::<ControllerToProxy>();
     let conn_id = c.conn_id();
     c.add_proxy(conn_id, hello.cluster.clone(), tx.clone());
     tracing::info!(proxy = %hello.name, cluster = %hello.cluster, "proxy connected");
 
-    let writer = tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
-            let Some(m) = encode(&msg) else { continue };
-            if sink.send(m).await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let writer = spawn_writer(sink, rx);
 
     // Lookups in flight; aborted when the proxy goes away.
     let mut lookups = JoinSet::new();

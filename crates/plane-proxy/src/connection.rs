@@ -136,7 +136,7 @@ async fn session(
     shutdown: &CancellationToken,
     welcomed: &mut bool,
 ) -> Result<(), SessionError> {
-    let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url))
+    let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async_with_config(url, None, true))
         .await
         .map_err(|_| SessionError::ConnectTimeout)??;
     let config = &shared.config;

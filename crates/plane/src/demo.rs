@@ -262,6 +262,10 @@ async fn serve_state(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stop = state.shutdown.clone();
+    // Broadcasts are small frames: send them at once rather than under Nagle.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app(state.clone()))
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .into_future();
