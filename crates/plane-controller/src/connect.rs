@@ -135,7 +135,7 @@ impl Controller {
             static_token: b.static_token.clone(),
             deadlines: self.config.timings.lease.deadlines_from(drone_now),
         };
-        if !self.send_drone(&b.drone, ControllerToDrone::Spawn(action)) {
+        if !self.send_drone(&b.drone, ControllerToDrone::Spawn(Box::new(action))) {
             tracing::warn!(backend_id = %b.id, drone = %b.drone, "drone disconnected before the spawn was sent; will re-send");
         }
     }

@@ -111,9 +111,16 @@ async fn resend_pending(c: &Controller, drone: &DroneName) -> Result<(), plane_s
             subdomain: b.subdomain,
             lease_duration: c.config.timings.lease.expire_after,
         };
-        // The lease may be older than these deadlines suggest; the first renewal
-        // (refused if it has expired) settles it.
-        c.dispatch_spawn(&new, b.fencing_token, now);
+        // The lease started when the backend was scheduled, maybe long ago. Extend it
+        // now (after reading the drone's clock) so that the deadlines the drone gets
+        // fall before the store's expiry; if it has already expired, the key may have
+        // a new holder, so the spawn must not go out (the sweep marks it lost).
+        let lease = c.config.timings.lease.expire_after;
+        if c.store().renew_key(&new.id, b.fencing_token, lease).await? {
+            c.dispatch_spawn(&new, b.fencing_token, now);
+        } else {
+            tracing::warn!(%drone, backend_id = %new.id, "not re-sending a spawn whose lease expired");
+        }
     }
     for t in c.store().pending_terminations(drone).await? {
         c.send_drone(drone, ControllerToDrone::Terminate { backend_id: t.backend_id, kind: t.kind, reason: t.reason });

@@ -109,7 +109,7 @@ impl Drone {
     pub(crate) async fn handle(&mut self, message: ControllerToDrone) {
         self.reap();
         match message {
-            ControllerToDrone::Spawn(spawn) => self.spawn(spawn).await,
+            ControllerToDrone::Spawn(spawn) => self.spawn(*spawn).await,
             ControllerToDrone::Terminate {
                 backend_id,
                 kind,

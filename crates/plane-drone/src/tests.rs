@@ -112,7 +112,7 @@ impl Harness {
 
     async fn spawn(&mut self, id: &str, command: &[&str], deadlines: LeaseDeadlines) {
         self.drone
-            .handle(ControllerToDrone::Spawn(spawn_action(id, command, deadlines)))
+            .handle(ControllerToDrone::Spawn(Box::new(spawn_action(id, command, deadlines))))
             .await;
     }
 
@@ -296,7 +296,7 @@ async fn failures_to_start_are_internal_errors() {
     // A Docker executable on a drone without Docker.
     let mut spawn = spawn_action("docker1", &["sh"], far_deadlines());
     spawn.executable = plane_types::executable::Executable::from_json(&serde_json::json!({"image": "x"})).unwrap();
-    h.drone.handle(ControllerToDrone::Spawn(spawn)).await;
+    h.drone.handle(ControllerToDrone::Spawn(Box::new(spawn))).await;
     let e = h.expect(S::Terminated).await;
     assert_eq!(e.termination_reason, Some(TerminationReason::InternalError));
 
@@ -682,11 +682,11 @@ async fn run_speaks_the_protocol_and_resends_unacked_events() {
         }
     }
 
-    conn.send(&ControllerToDrone::Spawn(spawn_action(
+    conn.send(&ControllerToDrone::Spawn(Box::new(spawn_action(
         "run1",
         &http_backend(),
         far_deadlines(),
-    )))
+    ))))
     .await;
     let mut seen = Vec::new();
     let mut events = Vec::new();
@@ -774,11 +774,11 @@ async fn run_again_readopts_running_backends_and_resends() {
     let drone = tokio::spawn(crate::run(drone_config(&controller, &dir), shutdown.clone()));
     let mut conn = controller.accept().await;
     let hello = conn.handshake().await;
-    conn.send(&ControllerToDrone::Spawn(spawn_action(
+    conn.send(&ControllerToDrone::Spawn(Box::new(spawn_action(
         "again1",
         &http_backend(),
         far_deadlines(),
-    )))
+    ))))
     .await;
     let mut seen = Vec::new();
     let mut events = Vec::new();

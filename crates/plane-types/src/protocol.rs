@@ -137,8 +137,8 @@ pub enum ControllerToDrone {
         /// Why.
         message: String,
     },
-    /// Start a backend.
-    Spawn(SpawnAction),
+    /// Start a backend (boxed: it is much larger than the other messages).
+    Spawn(Box<SpawnAction>),
     /// Stop a backend.
     Terminate {
         /// The backend.
