@@ -27,7 +27,10 @@ type AppState = State<Arc<Controller>>;
 
 /// The controller's router.
 pub fn router(controller: Arc<Controller>) -> Router {
-    let cors = CorsLayer::new().allow_origin(Any).allow_methods([Method::GET, Method::POST]).allow_headers([header::CONTENT_TYPE]);
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::CONTENT_TYPE]);
     let public = Router::new()
         .route("/pub/health", get(health))
         .route("/pub/b/{backend}/status", get(backend_status))
@@ -55,7 +58,11 @@ async fn not_found() -> HttpError {
 }
 
 async fn method_not_allowed() -> HttpError {
-    HttpError::new(StatusCode::METHOD_NOT_ALLOWED, ApiErrorKind::Other, "method not allowed on this route")
+    HttpError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ApiErrorKind::Other,
+        "method not allowed on this route",
+    )
 }
 
 async fn controller_status(State(c): AppState) -> Result<Json<StatusResponse>, HttpError> {
@@ -81,7 +88,11 @@ async fn connect(State(c): AppState, ApiJson(req): ApiJson<ConnectRequest>) -> R
 async fn backend_status(State(c): AppState, Path(backend): Path<String>) -> Result<Json<StatusEntry>, HttpError> {
     let id: BackendName = path_name("backend id", &backend)?;
     let history = c.store().status_history(&id).await?;
-    history.last().cloned().map(Json).ok_or_else(|| HttpError::not_found(format!("no backend {id}")))
+    history
+        .last()
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| HttpError::not_found(format!("no backend {id}")))
 }
 
 /// Parses `Last-Event-ID` (a status string). Garbage is ignored, as browsers may send
@@ -91,7 +102,9 @@ fn last_event_id(headers: &HeaderMap) -> Option<BackendStatus> {
 }
 
 fn sse_event(entry: &StatusEntry) -> Event {
-    Event::default().id(entry.status.as_str()).data(serde_json::to_string(entry).unwrap_or_default())
+    Event::default()
+        .id(entry.status.as_str())
+        .data(serde_json::to_string(entry).unwrap_or_default())
 }
 
 /// State of one status stream: what is left to replay, and the live subscription.
@@ -151,8 +164,14 @@ async fn status_stream(
     if history.is_empty() {
         return Err(HttpError::not_found(format!("no backend {id}")));
     }
-    let mut state =
-        StreamState { controller: c.clone(), id, rx, pending: Default::default(), last: last_event_id(&headers), done: false };
+    let mut state = StreamState {
+        controller: c.clone(),
+        id,
+        rx,
+        pending: Default::default(),
+        last: last_event_id(&headers),
+        done: false,
+    };
     if state.last.is_some_and(|l| l.is_terminal()) {
         state.done = true;
     }
@@ -169,7 +188,14 @@ async fn terminate(c: &Controller, backend: &str, kind: TerminationKind) -> Resu
     if !status.is_terminal() {
         tracing::info!(backend_id = %id, ?kind, "termination requested");
         // Not connected: re-sent when the drone reconnects (the request is recorded).
-        c.send_drone(&drone, ControllerToDrone::Terminate { backend_id: id, kind, reason });
+        c.send_drone(
+            &drone,
+            ControllerToDrone::Terminate {
+                backend_id: id,
+                kind,
+                reason,
+            },
+        );
     }
     Ok(Json(()))
 }
@@ -194,7 +220,10 @@ async fn revoke(State(c): AppState, ApiJson(req): ApiJson<RevokeRequest>) -> Res
     Ok(Json("revoked".to_owned()))
 }
 
-async fn drain(State(c): AppState, Path((cluster, drone)): Path<(String, String)>) -> Result<Json<DrainResponse>, HttpError> {
+async fn drain(
+    State(c): AppState,
+    Path((cluster, drone)): Path<(String, String)>,
+) -> Result<Json<DrainResponse>, HttpError> {
     let cluster = path_cluster(&cluster)?;
     let drone: DroneName = path_name("drone name", &drone)?;
     match c.store().drain_drone(&cluster, &drone).await? {

@@ -23,18 +23,28 @@ impl Controller {
     pub async fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse, HttpError> {
         let key = match req.key.clone() {
             Some(k) => {
-                k.validate().map_err(|e| HttpError::bad_request(format!("invalid key: {e}")))?;
+                k.validate()
+                    .map_err(|e| HttpError::bad_request(format!("invalid key: {e}")))?;
                 k
             }
-            None => KeyConfig { name: BackendName::new_random().to_string(), namespace: String::new(), tag: String::new() },
+            None => KeyConfig {
+                name: BackendName::new_random().to_string(),
+                namespace: String::new(),
+                tag: String::new(),
+            },
         };
         let executable = match &req.spawn_config {
-            Some(s) => Some(s.executable().map_err(|e| HttpError::bad_request(format!("invalid spawn_config: {e}")))?),
+            Some(s) => Some(
+                s.executable()
+                    .map_err(|e| HttpError::bad_request(format!("invalid spawn_config: {e}")))?,
+            ),
             None => None,
         };
         if let Some(user) = &req.user {
             if user.len() > 256 || user.chars().any(|c| c.is_control()) {
-                return Err(HttpError::bad_request("`user` must be at most 256 printable characters"));
+                return Err(HttpError::bad_request(
+                    "`user` must be at most 256 printable characters",
+                ));
             }
         }
 
@@ -49,16 +59,25 @@ impl Controller {
                     "the key is not held by a running backend and the request has no spawn_config",
                 ));
             };
-            let cluster = spawn.cluster.clone().or_else(|| self.config.default_cluster.clone()).ok_or_else(|| {
-                HttpError::new(
-                    StatusCode::BAD_REQUEST,
-                    ApiErrorKind::NoClusterProvided,
-                    "spawn_config has no cluster and the controller has no default cluster",
-                )
-            })?;
+            let cluster = spawn
+                .cluster
+                .clone()
+                .or_else(|| self.config.default_cluster.clone())
+                .ok_or_else(|| {
+                    HttpError::new(
+                        StatusCode::BAD_REQUEST,
+                        ApiErrorKind::NoClusterProvided,
+                        "spawn_config has no cluster and the controller has no default cluster",
+                    )
+                })?;
             let candidates = self
                 .store()
-                .schedulable_drones(&cluster, spawn.pool(), executable.runtime_kind(), self.config.timings.drone_unhealthy_after)
+                .schedulable_drones(
+                    &cluster,
+                    spawn.pool(),
+                    executable.runtime_kind(),
+                    self.config.timings.drone_unhealthy_after,
+                )
                 .await?
                 .into_iter()
                 .filter(|d| self.has_drone(&d.name))
@@ -76,7 +95,9 @@ impl Controller {
             })?;
             // Read the drone's clock before the store starts the lease, so the
             // deadlines the drone gets fall before the store's expiry.
-            let Some(drone_now) = self.drone_now(&drone.name) else { continue };
+            let Some(drone_now) = self.drone_now(&drone.name) else {
+                continue;
+            };
             let id = spawn.id.clone().unwrap_or_else(BackendName::new_random);
             let static_token = spawn.use_static_token.then(new_static_token);
             let new = NewBackend {
@@ -131,7 +152,10 @@ impl Controller {
         let action = SpawnAction {
             backend_id: b.id.clone(),
             executable: b.executable.clone(),
-            key: AcquiredKey { key: b.key.clone(), fencing_token },
+            key: AcquiredKey {
+                key: b.key.clone(),
+                fencing_token,
+            },
             static_token: b.static_token.clone(),
             deadlines: self.config.timings.lease.deadlines_from(drone_now),
         };
@@ -140,22 +164,35 @@ impl Controller {
         }
     }
 
-    async fn join(&self, holder: KeyHolder, key: &KeyConfig, req: &ConnectRequest) -> Result<ConnectResponse, HttpError> {
+    async fn join(
+        &self,
+        holder: KeyHolder,
+        key: &KeyConfig,
+        req: &ConnectRequest,
+    ) -> Result<ConnectResponse, HttpError> {
         if holder.tag != key.tag {
             return Err(HttpError::new(
                 StatusCode::CONFLICT,
                 ApiErrorKind::KeyHeld,
-                format!("key {:?} is held with tag {:?}, not {:?}", key.name, holder.tag, key.tag),
+                format!(
+                    "key {:?} is held with tag {:?}, not {:?}",
+                    key.name, holder.tag, key.tag
+                ),
             ));
         }
         if holder.status.is_terminating() {
             return Err(HttpError::new(
                 StatusCode::CONFLICT,
                 ApiErrorKind::KeyHeldUnhealthy,
-                format!("the backend holding key {:?} is {}; retry once it has terminated", key.name, holder.status),
+                format!(
+                    "the backend holding key {:?} is {}; retry once it has terminated",
+                    key.name, holder.status
+                ),
             ));
         }
-        let token = self.issue_token(&holder.backend_id, holder.static_token.as_deref(), req).await?;
+        let token = self
+            .issue_token(&holder.backend_id, holder.static_token.as_deref(), req)
+            .await?;
         Ok(self.response(
             &holder.backend_id,
             false,

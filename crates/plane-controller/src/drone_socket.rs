@@ -5,8 +5,8 @@
 //! store in the order it sent them. An event is acked only after the store has it; a
 //! store failure closes the socket so the drone re-sends everything unacked.
 
-use crate::state::Controller;
 use crate::socket::{handshake, next_text, send, spawn_writer, First};
+use crate::state::Controller;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
@@ -56,7 +56,10 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
         tracing::error!(%drone, error = %e, "cannot register drone");
         return;
     }
-    let welcome = ControllerToDrone::Welcome { protocol_version: PROTOCOL_VERSION, controller: c.config.name.clone() };
+    let welcome = ControllerToDrone::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        controller: c.config.name.clone(),
+    };
     if !send(&mut sink, &welcome).await {
         return;
     }
@@ -123,7 +126,14 @@ async fn resend_pending(c: &Controller, drone: &DroneName) -> Result<(), plane_s
         }
     }
     for t in c.store().pending_terminations(drone).await? {
-        c.send_drone(drone, ControllerToDrone::Terminate { backend_id: t.backend_id, kind: t.kind, reason: t.reason });
+        c.send_drone(
+            drone,
+            ControllerToDrone::Terminate {
+                backend_id: t.backend_id,
+                kind: t.kind,
+                reason: t.reason,
+            },
+        );
     }
     Ok(())
 }
@@ -140,9 +150,16 @@ async fn handle(c: &Controller, drone: &DroneName, msg: DroneToController) -> Re
             apply_event(c, drone, event).await?;
             c.send_drone(drone, ControllerToDrone::Ack { event_id });
         }
-        DroneToController::RenewKey { backend_id, fencing_token, local_time } => {
+        DroneToController::RenewKey {
+            backend_id,
+            fencing_token,
+            local_time,
+        } => {
             c.drone_clock(drone, local_time);
-            let renewed = c.store().renew_key(&backend_id, fencing_token, c.config.timings.lease.expire_after).await?;
+            let renewed = c
+                .store()
+                .renew_key(&backend_id, fencing_token, c.config.timings.lease.expire_after)
+                .await?;
             let deadlines = renewed.then(|| c.config.timings.lease.deadlines_from(local_time));
             if !renewed {
                 tracing::warn!(%drone, %backend_id, "key renewal refused");
@@ -167,14 +184,19 @@ async fn apply_event(c: &Controller, drone: &DroneName, e: BackendEvent) -> Resu
         ApplyOutcome::Advanced(entry) => {
             tracing::debug!(%drone, backend_id = %e.backend_id, status = %e.status, "backend status");
             if entry.status >= BackendStatus::Terminating {
-                c.broadcast_proxies(None, plane_types::protocol::ControllerToProxy::BackendRemoved {
-                    backend_id: e.backend_id.clone(),
-                });
+                c.broadcast_proxies(
+                    None,
+                    plane_types::protocol::ControllerToProxy::BackendRemoved {
+                        backend_id: e.backend_id.clone(),
+                    },
+                );
             }
             c.publish(e.backend_id, entry);
         }
         ApplyOutcome::Stale => {}
-        ApplyOutcome::UnknownBackend => tracing::warn!(%drone, backend_id = %e.backend_id, "event for an unknown backend"),
+        ApplyOutcome::UnknownBackend => {
+            tracing::warn!(%drone, backend_id = %e.backend_id, "event for an unknown backend")
+        }
         ApplyOutcome::WrongDrone => {
             tracing::warn!(%drone, backend_id = %e.backend_id, "event for a backend of another drone")
         }

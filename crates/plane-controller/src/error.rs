@@ -21,7 +21,10 @@ pub struct HttpError {
 impl HttpError {
     /// An error with an explicit status.
     pub fn new(status: StatusCode, kind: ApiErrorKind, message: impl Into<String>) -> HttpError {
-        HttpError { status, error: ApiError::new(kind, message) }
+        HttpError {
+            status,
+            error: ApiError::new(kind, message),
+        }
     }
 
     /// 400 `Other`: a malformed or invalid request.
@@ -37,7 +40,11 @@ impl HttpError {
 
 impl From<StoreError> for HttpError {
     fn from(e: StoreError) -> Self {
-        let err = HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, ApiErrorKind::DatabaseError, "the store failed");
+        let err = HttpError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ApiErrorKind::DatabaseError,
+            "the store failed",
+        );
         tracing::error!(error_id = %err.error.id, error = %e, "store error");
         err
     }

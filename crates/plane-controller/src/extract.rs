@@ -19,8 +19,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, HttpError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             let status = e.status();
-            let status = if status.is_client_error() { status } else { StatusCode::BAD_REQUEST };
-            HttpError::new(status, ApiErrorKind::Other, format!("cannot read the request body: {e}"))
+            let status = if status.is_client_error() {
+                status
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            HttpError::new(
+                status,
+                ApiErrorKind::Other,
+                format!("cannot read the request body: {e}"),
+            )
         })?;
         let value: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| HttpError::bad_request(format!("invalid JSON body: {e}")))?;
@@ -28,7 +36,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         if !value.is_object() {
             return Err(HttpError::bad_request("the request body must be a JSON object"));
         }
-        T::deserialize(value).map(ApiJson).map_err(|e| HttpError::bad_request(format!("invalid request body: {e}")))
+        T::deserialize(value)
+            .map(ApiJson)
+            .map_err(|e| HttpError::bad_request(format!("invalid request body: {e}")))
     }
 }
 
@@ -37,12 +47,17 @@ pub fn path_name<T: FromStr>(what: &str, s: &str) -> Result<T, HttpError>
 where
     T::Err: std::fmt::Display,
 {
-    s.parse().map_err(|e| HttpError::bad_request(format!("invalid {what} {s:?} in path: {e}")))
+    s.parse()
+        .map_err(|e| HttpError::bad_request(format!("invalid {what} {s:?} in path: {e}")))
 }
 
 /// Parses a cluster name from a URL path segment (`InvalidClusterName` on failure).
 pub fn path_cluster(s: &str) -> Result<plane_types::names::ClusterName, HttpError> {
     s.parse().map_err(|e| {
-        HttpError::new(StatusCode::BAD_REQUEST, ApiErrorKind::InvalidClusterName, format!("invalid cluster name {s:?}: {e}"))
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            ApiErrorKind::InvalidClusterName,
+            format!("invalid cluster name {s:?}: {e}"),
+        )
     })
 }

@@ -44,7 +44,9 @@ pub async fn serve(listener: TcpListener, config: ControllerConfig, shutdown: Ca
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
         let _ = tcp.set_nodelay(true);
     });
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
     controller.shutdown.cancel();
     let _ = sweeper.await;
     result.map_err(Into::into)

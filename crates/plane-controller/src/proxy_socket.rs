@@ -56,7 +56,10 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
         tracing::error!(proxy = %hello.name, error = %e, "cannot register proxy");
         return;
     }
-    let welcome = ControllerToProxy::Welcome { protocol_version: PROTOCOL_VERSION, controller: c.config.name.clone() };
+    let welcome = ControllerToProxy::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        controller: c.config.name.clone(),
+    };
     if !send(&mut sink, &welcome).await {
         return;
     }

@@ -49,7 +49,10 @@ pub(crate) async fn handshake<In: DeserializeOwned, Out: Serialize, H>(
     classify: impl FnOnce(In) -> First<H>,
     reject: impl FnOnce(String) -> Out,
 ) -> Option<H> {
-    let text = tokio::time::timeout(HELLO_TIMEOUT, next_text(stream)).await.ok().flatten()?;
+    let text = tokio::time::timeout(HELLO_TIMEOUT, next_text(stream))
+        .await
+        .ok()
+        .flatten()?;
     let message = match serde_json::from_str::<In>(&text).map(classify) {
         Ok(First::Hello(h, PROTOCOL_VERSION)) => return Some(h),
         Ok(First::Hello(_, v)) => {

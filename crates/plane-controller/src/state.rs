@@ -102,8 +102,15 @@ impl Controller {
         tx: mpsc::UnboundedSender<ControllerToDrone>,
         local_time: EpochMillis,
     ) {
-        lock(&self.drones)
-            .insert(name, DroneConn { conn_id, tx, last_local_time: local_time, received_at: Instant::now() });
+        lock(&self.drones).insert(
+            name,
+            DroneConn {
+                conn_id,
+                tx,
+                last_local_time: local_time,
+                received_at: Instant::now(),
+            },
+        );
     }
 
     /// Removes a drone connection if it is still the current one. Returns whether it was.
@@ -127,7 +134,9 @@ impl Controller {
 
     /// Our best (early-erring) estimate of a connected drone's clock now.
     pub fn drone_now(&self, name: &DroneName) -> Option<EpochMillis> {
-        lock(&self.drones).get(name).map(|c| estimate_remote_now(c.last_local_time, c.received_at.elapsed()))
+        lock(&self.drones)
+            .get(name)
+            .map(|c| estimate_remote_now(c.last_local_time, c.received_at.elapsed()))
     }
 
     /// Whether a drone is connected to this controller.

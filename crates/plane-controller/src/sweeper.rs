@@ -26,11 +26,23 @@ pub async fn sweep_once(c: &Controller) -> Result<(), plane_store::StoreError> {
     for t in c.store().sweep().await? {
         tracing::info!(backend_id = %t.backend_id, reason = t.reason.as_str(), "sweeping backend");
         // A disconnected drone gets it on reconnect (the request is recorded).
-        c.send_drone(&t.drone, ControllerToDrone::Terminate { backend_id: t.backend_id, kind: t.kind, reason: t.reason });
+        c.send_drone(
+            &t.drone,
+            ControllerToDrone::Terminate {
+                backend_id: t.backend_id,
+                kind: t.kind,
+                reason: t.reason,
+            },
+        );
     }
     for (backend_id, entry) in c.store().mark_lost().await? {
         tracing::warn!(%backend_id, "backend lost: its lease expired without it terminating");
-        c.broadcast_proxies(None, ControllerToProxy::BackendRemoved { backend_id: backend_id.clone() });
+        c.broadcast_proxies(
+            None,
+            ControllerToProxy::BackendRemoved {
+                backend_id: backend_id.clone(),
+            },
+        );
         c.publish(backend_id, entry);
     }
     Ok(())

@@ -14,8 +14,11 @@ use tower::ServiceExt;
 
 async fn app(default_cluster: Option<&str>) -> axum::Router {
     let store = Arc::new(SqliteStore::in_memory().await.unwrap());
-    let config =
-        ControllerConfig::new(store, "http://controller.test", default_cluster.map(|c| c.parse().unwrap()));
+    let config = ControllerConfig::new(
+        store,
+        "http://controller.test",
+        default_cluster.map(|c| c.parse().unwrap()),
+    );
     api::router(Controller::new(config, CancellationToken::new()))
 }
 
@@ -36,8 +39,14 @@ async fn call(app: &axum::Router, method: &str, path: &str, body: &str) -> (Stat
 fn assert_api_error(status: StatusCode, body: &Value, want_status: u16, want_kind: &str) {
     assert_eq!(status.as_u16(), want_status, "body: {body}");
     assert_eq!(body["kind"], want_kind, "body: {body}");
-    assert!(body["id"].as_str().is_some_and(|s| !s.is_empty()), "error id missing: {body}");
-    assert!(body["message"].as_str().is_some_and(|s| !s.is_empty()), "message missing: {body}");
+    assert!(
+        body["id"].as_str().is_some_and(|s| !s.is_empty()),
+        "error id missing: {body}"
+    );
+    assert!(
+        body["message"].as_str().is_some_and(|s| !s.is_empty()),
+        "message missing: {body}"
+    );
 }
 
 #[tokio::test]
@@ -69,9 +78,21 @@ async fn malformed_connect_bodies_are_api_errors() {
 async fn connect_errors_have_compatible_kinds() {
     let app = app(None).await;
     let exe = json!({"command": ["plane", "demo-backend"]});
-    let (s, v) = call(&app, "POST", "/ctrl/connect", &json!({"key": {"name": "k"}}).to_string()).await;
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/ctrl/connect",
+        &json!({"key": {"name": "k"}}).to_string(),
+    )
+    .await;
     assert_api_error(s, &v, 409, "KeyUnheldNoSpawnConfig");
-    let (s, v) = call(&app, "POST", "/ctrl/connect", &json!({"spawn_config": {"executable": exe}}).to_string()).await;
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/ctrl/connect",
+        &json!({"spawn_config": {"executable": exe}}).to_string(),
+    )
+    .await;
     assert_api_error(s, &v, 400, "NoClusterProvided");
     let body = json!({"spawn_config": {"executable": exe, "cluster": "c.test:9000"}}).to_string();
     let (s, v) = call(&app, "POST", "/ctrl/connect", &body).await;
@@ -131,5 +152,9 @@ async fn public_routes_allow_any_origin() {
         .body(Body::empty())
         .unwrap();
     let res = app.oneshot(req).await.unwrap();
-    assert_eq!(res.headers().get("access-control-allow-origin").map(|v| v.as_bytes()), Some(&b"*"[..]), "{res:?}");
+    assert_eq!(
+        res.headers().get("access-control-allow-origin").map(|v| v.as_bytes()),
+        Some(&b"*"[..]),
+        "{res:?}"
+    );
 }

@@ -136,9 +136,12 @@ async fn session(
     shutdown: &CancellationToken,
     welcomed: &mut bool,
 ) -> Result<(), SessionError> {
-    let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async_with_config(url, None, true))
-        .await
-        .map_err(|_| SessionError::ConnectTimeout)??;
+    let (mut ws, _) = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_tungstenite::connect_async_with_config(url, None, true),
+    )
+    .await
+    .map_err(|_| SessionError::ConnectTimeout)??;
     let config = &shared.config;
     let hello = ProxyToController::Hello(ProxyHello {
         protocol_version: PROTOCOL_VERSION,

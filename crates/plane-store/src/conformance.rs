@@ -4,8 +4,7 @@
 //! Call [`run_all`] with a factory that returns a fresh, empty store.
 
 use crate::{
-    ApplyOutcome, BackendUpdate, CreateOutcome, DroneRegistration, NewBackend, NewToken, ProxyRegistration,
-    SharedStore,
+    ApplyOutcome, BackendUpdate, CreateOutcome, DroneRegistration, NewBackend, NewToken, ProxyRegistration, SharedStore,
 };
 use plane_types::api::KeyConfig;
 use plane_types::executable::{Executable, RuntimeKind};
@@ -57,7 +56,11 @@ async fn drone(store: &SharedStore, name: &str) -> DroneName {
 }
 
 fn key(name: &str) -> KeyConfig {
-    KeyConfig { name: name.into(), namespace: String::new(), tag: String::new() }
+    KeyConfig {
+        name: name.into(),
+        namespace: String::new(),
+        tag: String::new(),
+    }
 }
 
 fn new_backend(id: &str, drone: &DroneName, key_name: &str) -> NewBackend {
@@ -96,20 +99,46 @@ async fn drones_register_heartbeat_and_drain(store: SharedStore) {
     assert_eq!(drones.len(), 1);
     assert!(drones[0].ready && !drones[0].draining);
     assert!(drones[0].controller_heartbeat_age.is_some());
-    let sched = store.schedulable_drones(&cluster(), "", RuntimeKind::Process, Duration::from_secs(30)).await.unwrap();
+    let sched = store
+        .schedulable_drones(&cluster(), "", RuntimeKind::Process, Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(sched.len(), 1);
     // Wrong runtime, pool or cluster: not schedulable.
-    assert!(store.schedulable_drones(&cluster(), "", RuntimeKind::Docker, Duration::from_secs(30)).await.unwrap().is_empty());
-    assert!(store.schedulable_drones(&cluster(), "gpu", RuntimeKind::Process, Duration::from_secs(30)).await.unwrap().is_empty());
     assert!(store
-        .schedulable_drones(&"other:1".parse().unwrap(), "", RuntimeKind::Process, Duration::from_secs(30))
+        .schedulable_drones(&cluster(), "", RuntimeKind::Docker, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .schedulable_drones(&cluster(), "gpu", RuntimeKind::Process, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .schedulable_drones(
+            &"other:1".parse().unwrap(),
+            "",
+            RuntimeKind::Process,
+            Duration::from_secs(30)
+        )
         .await
         .unwrap()
         .is_empty());
     assert_eq!(store.drain_drone(&cluster(), &d).await.unwrap(), Some(true));
     assert_eq!(store.drain_drone(&cluster(), &d).await.unwrap(), Some(false));
-    assert_eq!(store.drain_drone(&cluster(), &"dr-nope".parse().unwrap()).await.unwrap(), None);
-    assert!(store.schedulable_drones(&cluster(), "", RuntimeKind::Process, Duration::from_secs(30)).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .drain_drone(&cluster(), &"dr-nope".parse().unwrap())
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store
+        .schedulable_drones(&cluster(), "", RuntimeKind::Process, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
     // Re-registering (a reconnect) keeps the drain.
     drone(&store, "dr-one").await;
     assert!(store.drones(&cluster()).await.unwrap()[0].draining);
@@ -135,8 +164,14 @@ async fn keys_are_exclusive_and_fencing_tokens_increase(store: SharedStore) {
     else {
         panic!("first create must succeed")
     };
-    assert_eq!(store.create_backend(&new_backend("b2", &d, "k")).await.unwrap(), CreateOutcome::KeyHeld);
-    assert_eq!(store.create_backend(&new_backend("b1", &d, "other")).await.unwrap(), CreateOutcome::IdTaken);
+    assert_eq!(
+        store.create_backend(&new_backend("b2", &d, "k")).await.unwrap(),
+        CreateOutcome::KeyHeld
+    );
+    assert_eq!(
+        store.create_backend(&new_backend("b1", &d, "other")).await.unwrap(),
+        CreateOutcome::IdTaken
+    );
     let holder = store.key_holder(&key("k")).await.unwrap().unwrap();
     assert_eq!(holder.backend_id.as_str(), "b1");
     assert_eq!(holder.status, BackendStatus::Scheduled);
@@ -150,7 +185,10 @@ async fn keys_are_exclusive_and_fencing_tokens_increase(store: SharedStore) {
     let rec = store.backend(&"b1".parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(rec.fencing_token, f1);
     assert_eq!(rec.executable, process_exe());
-    assert_eq!(store.status_history(&rec.id).await.unwrap()[0].status, BackendStatus::Scheduled);
+    assert_eq!(
+        store.status_history(&rec.id).await.unwrap()[0].status,
+        BackendStatus::Scheduled
+    );
     assert!(store.backend(&"nope".parse().unwrap()).await.unwrap().is_none());
 }
 
@@ -160,16 +198,40 @@ async fn statuses_only_move_forward(store: SharedStore) {
     let id: BackendName = "b1".parse().unwrap();
     let mut ready = update(&id, BackendStatus::Ready);
     ready.address = Some("127.0.0.1:5000".parse().unwrap());
-    assert!(matches!(store.apply_update(&d, &ready).await.unwrap(), ApplyOutcome::Advanced(_)));
+    assert!(matches!(
+        store.apply_update(&d, &ready).await.unwrap(),
+        ApplyOutcome::Advanced(_)
+    ));
     assert_eq!(store.apply_update(&d, &ready).await.unwrap(), ApplyOutcome::Stale);
-    assert_eq!(store.apply_update(&d, &update(&id, BackendStatus::Starting)).await.unwrap(), ApplyOutcome::Stale);
-    let other = drone(&store, "dr-two").await;
-    assert_eq!(store.apply_update(&other, &update(&id, BackendStatus::Terminated)).await.unwrap(), ApplyOutcome::WrongDrone);
     assert_eq!(
-        store.apply_update(&d, &update(&"ghost".parse().unwrap(), BackendStatus::Ready)).await.unwrap(),
+        store
+            .apply_update(&d, &update(&id, BackendStatus::Starting))
+            .await
+            .unwrap(),
+        ApplyOutcome::Stale
+    );
+    let other = drone(&store, "dr-two").await;
+    assert_eq!(
+        store
+            .apply_update(&other, &update(&id, BackendStatus::Terminated))
+            .await
+            .unwrap(),
+        ApplyOutcome::WrongDrone
+    );
+    assert_eq!(
+        store
+            .apply_update(&d, &update(&"ghost".parse().unwrap(), BackendStatus::Ready))
+            .await
+            .unwrap(),
         ApplyOutcome::UnknownBackend
     );
-    let hist: Vec<_> = store.status_history(&id).await.unwrap().into_iter().map(|e| e.status).collect();
+    let hist: Vec<_> = store
+        .status_history(&id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.status)
+        .collect();
     assert_eq!(hist, vec![BackendStatus::Scheduled, BackendStatus::Ready]);
     let rec = store.backend(&id).await.unwrap().unwrap();
     assert_eq!(rec.address, ready.address);
@@ -184,25 +246,41 @@ async fn termination_releases_key(store: SharedStore) {
     term.termination_kind = Some(TerminationKind::Soft);
     store.apply_update(&d, &term).await.unwrap();
     // Still held while terminating.
-    assert_eq!(store.create_backend(&new_backend("b2", &d, "k")).await.unwrap(), CreateOutcome::KeyHeld);
+    assert_eq!(
+        store.create_backend(&new_backend("b2", &d, "k")).await.unwrap(),
+        CreateOutcome::KeyHeld
+    );
     let mut done = update(&id, BackendStatus::Terminated);
     done.exit_code = Some(3);
-    let ApplyOutcome::Advanced(entry) = store.apply_update(&d, &done).await.unwrap() else { panic!("must advance") };
+    let ApplyOutcome::Advanced(entry) = store.apply_update(&d, &done).await.unwrap() else {
+        panic!("must advance")
+    };
     assert_eq!(entry.exit_error, Some(true));
     assert_eq!(entry.termination_reason, Some(TerminationReason::External));
     assert!(store.key_holder(&key("k")).await.unwrap().is_none());
     let rec = store.backend(&id).await.unwrap().unwrap();
     assert_eq!((rec.status, rec.exit_code), (BackendStatus::Terminated, Some(3)));
-    assert!(matches!(store.create_backend(&new_backend("b2", &d, "k")).await.unwrap(), CreateOutcome::Created { .. }));
+    assert!(matches!(
+        store.create_backend(&new_backend("b2", &d, "k")).await.unwrap(),
+        CreateOutcome::Created { .. }
+    ));
 }
 
 async fn renewal_and_expiry(store: SharedStore) {
     let d = drone(&store, "dr-one").await;
     let mut b = new_backend("b1", &d, "k");
     b.lease_duration = Duration::from_millis(300);
-    let CreateOutcome::Created { fencing_token } = store.create_backend(&b).await.unwrap() else { panic!() };
-    assert!(store.renew_key(&b.id, fencing_token, Duration::from_millis(300)).await.unwrap());
-    assert!(!store.renew_key(&b.id, fencing_token + 1, Duration::from_millis(300)).await.unwrap());
+    let CreateOutcome::Created { fencing_token } = store.create_backend(&b).await.unwrap() else {
+        panic!()
+    };
+    assert!(store
+        .renew_key(&b.id, fencing_token, Duration::from_millis(300))
+        .await
+        .unwrap());
+    assert!(!store
+        .renew_key(&b.id, fencing_token + 1, Duration::from_millis(300))
+        .await
+        .unwrap());
     assert!(store.mark_lost().await.unwrap().is_empty());
     // Let the lease run out (poll with a deadline: store time is the reference).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -210,11 +288,17 @@ async fn renewal_and_expiry(store: SharedStore) {
         assert!(std::time::Instant::now() < deadline, "lease never expired");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(!store.renew_key(&b.id, fencing_token, Duration::from_secs(60)).await.unwrap());
+    assert!(!store
+        .renew_key(&b.id, fencing_token, Duration::from_secs(60))
+        .await
+        .unwrap());
     let lost = store.mark_lost().await.unwrap();
     assert_eq!(lost.len(), 1);
     assert_eq!(lost[0].1.termination_reason, Some(TerminationReason::Lost));
-    assert_eq!(store.backend(&b.id).await.unwrap().unwrap().status, BackendStatus::Terminated);
+    assert_eq!(
+        store.backend(&b.id).await.unwrap().unwrap().status,
+        BackendStatus::Terminated
+    );
     assert!(store.mark_lost().await.unwrap().is_empty());
     // An expired key can be taken over, and the taker gets a larger fencing token.
     let CreateOutcome::Created { fencing_token: f2 } = store.create_backend(&new_backend("b2", &d, "k")).await.unwrap()
@@ -267,7 +351,10 @@ async fn sweep_idle_and_lifetime(store: SharedStore) {
     store.create_backend(&busy).await.unwrap();
     // Idle only counts once ready.
     let swept = store.sweep().await.unwrap();
-    assert_eq!(swept.iter().map(|t| t.backend_id.as_str()).collect::<Vec<_>>(), vec!["life"]);
+    assert_eq!(
+        swept.iter().map(|t| t.backend_id.as_str()).collect::<Vec<_>>(),
+        vec!["life"]
+    );
     for id in [&idle.id, &busy.id] {
         store.apply_update(&d, &update(id, BackendStatus::Ready)).await.unwrap();
     }
@@ -275,13 +362,19 @@ async fn sweep_idle_and_lifetime(store: SharedStore) {
     let swept = store.sweep().await.unwrap();
     assert_eq!(swept.len(), 1);
     assert_eq!(swept[0].backend_id, idle.id);
-    assert_eq!((swept[0].kind, swept[0].reason), (TerminationKind::Soft, TerminationReason::Swept));
+    assert_eq!(
+        (swept[0].kind, swept[0].reason),
+        (TerminationKind::Soft, TerminationReason::Swept)
+    );
     // Swept once only.
     assert!(store.sweep().await.unwrap().is_empty());
     let pending = store.pending_terminations(&d).await.unwrap();
     assert_eq!(pending.len(), 2);
     // The drone's report carries the pending reason through.
-    let ApplyOutcome::Advanced(e) = store.apply_update(&d, &update(&idle.id, BackendStatus::Terminating)).await.unwrap()
+    let ApplyOutcome::Advanced(e) = store
+        .apply_update(&d, &update(&idle.id, BackendStatus::Terminating))
+        .await
+        .unwrap()
     else {
         panic!()
     };
@@ -294,17 +387,30 @@ async fn termination_requests(store: SharedStore) {
     store.create_backend(&new_backend("b1", &d, "k")).await.unwrap();
     let id: BackendName = "b1".parse().unwrap();
     assert_eq!(store.scheduled_backends(&d).await.unwrap().len(), 1);
-    let r = store.request_termination(&id, TerminationKind::Soft, TerminationReason::External).await.unwrap();
+    let r = store
+        .request_termination(&id, TerminationKind::Soft, TerminationReason::External)
+        .await
+        .unwrap();
     assert_eq!(r, Some((d.clone(), BackendStatus::Scheduled)));
-    store.request_termination(&id, TerminationKind::Hard, TerminationReason::External).await.unwrap();
+    store
+        .request_termination(&id, TerminationKind::Hard, TerminationReason::External)
+        .await
+        .unwrap();
     let p = store.pending_terminations(&d).await.unwrap();
     assert_eq!(p[0].kind, TerminationKind::Hard);
     assert!(store
-        .request_termination(&"nope".parse().unwrap(), TerminationKind::Soft, TerminationReason::External)
+        .request_termination(
+            &"nope".parse().unwrap(),
+            TerminationKind::Soft,
+            TerminationReason::External
+        )
         .await
         .unwrap()
         .is_none());
-    store.apply_update(&d, &update(&id, BackendStatus::Terminated)).await.unwrap();
+    store
+        .apply_update(&d, &update(&id, BackendStatus::Terminated))
+        .await
+        .unwrap();
     assert!(store.pending_terminations(&d).await.unwrap().is_empty());
     assert!(store.scheduled_backends(&d).await.unwrap().is_empty());
 }

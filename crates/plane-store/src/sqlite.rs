@@ -29,7 +29,10 @@ pub struct SqliteStore {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn age(then: i64) -> Duration {
@@ -95,7 +98,10 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(opts)
             .await?;
-        MIGRATOR.run(&pool).await.map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
         Ok(SqliteStore { pool })
     }
 
@@ -147,7 +153,9 @@ impl SqliteStore {
             message: row.try_get("message")?,
             static_token: row.try_get("static_token")?,
             subdomain: row.try_get("subdomain")?,
-            lifetime_limit_seconds: row.try_get::<Option<i64>, _>("lifetime_limit_seconds")?.map(|v| v as u64),
+            lifetime_limit_seconds: row
+                .try_get::<Option<i64>, _>("lifetime_limit_seconds")?
+                .map(|v| v as u64),
             max_idle_seconds: row.try_get::<Option<i64>, _>("max_idle_seconds")?.map(|v| v as u64),
             created_at: row.try_get::<i64, _>("created_at")? as EpochMillis,
         })
@@ -225,7 +233,10 @@ impl Store for SqliteStore {
     }
 
     async fn drone_disconnected(&self, name: &DroneName) -> StoreResult<()> {
-        sqlx::query("UPDATE drone SET ready = 0 WHERE name = ?1").bind(name.as_str()).execute(&self.pool).await?;
+        sqlx::query("UPDATE drone SET ready = 0 WHERE name = ?1")
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -239,7 +250,10 @@ impl Store for SqliteStore {
         if row.try_get::<bool, _>("draining")? {
             return Ok(Some(false));
         }
-        sqlx::query("UPDATE drone SET draining = 1 WHERE name = ?1").bind(name.as_str()).execute(&self.pool).await?;
+        sqlx::query("UPDATE drone SET draining = 1 WHERE name = ?1")
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await?;
         Ok(Some(true))
     }
 
@@ -369,7 +383,10 @@ impl Store for SqliteStore {
         if held.is_some() {
             return Ok(CreateOutcome::KeyHeld);
         }
-        let taken = sqlx::query("SELECT 1 FROM backend WHERE id = ?1").bind(b.id.as_str()).fetch_optional(&mut *tx).await?;
+        let taken = sqlx::query("SELECT 1 FROM backend WHERE id = ?1")
+            .bind(b.id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
         if taken.is_some() {
             return Ok(CreateOutcome::IdTaken);
         }
@@ -443,7 +460,10 @@ impl Store for SqliteStore {
     }
 
     async fn backend(&self, id: &BackendName) -> StoreResult<Option<BackendRecord>> {
-        let row = sqlx::query("SELECT * FROM backend WHERE id = ?1").bind(id.as_str()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT * FROM backend WHERE id = ?1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(Self::backend_from_row).transpose()
     }
 
@@ -478,7 +498,9 @@ impl Store for SqliteStore {
         .bind(u.backend_id.as_str())
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(row) = row else { return Ok(ApplyOutcome::UnknownBackend) };
+        let Some(row) = row else {
+            return Ok(ApplyOutcome::UnknownBackend);
+        };
         if row.try_get::<String, _>("drone")? != drone.as_str() {
             return Ok(ApplyOutcome::WrongDrone);
         }
@@ -486,7 +508,8 @@ impl Store for SqliteStore {
             return Ok(ApplyOutcome::Stale);
         }
         // Keep what is already known about the termination unless the drone says more.
-        let pending_reason: Option<TerminationReason> = parse_opt("termination reason", row.try_get("pending_reason")?)?;
+        let pending_reason: Option<TerminationReason> =
+            parse_opt("termination reason", row.try_get("pending_reason")?)?;
         let pending_kind: Option<TerminationKind> = parse_opt("termination kind", row.try_get("pending_kind")?)?;
         let (reason, kind) = if u.status.is_terminating() {
             let known_reason: Option<TerminationReason> =
@@ -585,12 +608,14 @@ impl Store for SqliteStore {
             Some(TerminationKind::Hard) => false,
         };
         if upgrade && !status.is_terminal() {
-            sqlx::query("UPDATE backend SET pending_kind = ?1, pending_reason = COALESCE(pending_reason, ?2) WHERE id = ?3")
-                .bind(kind.as_str())
-                .bind(reason.as_str())
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE backend SET pending_kind = ?1, pending_reason = COALESCE(pending_reason, ?2) WHERE id = ?3",
+            )
+            .bind(kind.as_str())
+            .bind(reason.as_str())
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(Some((drone, status)))
@@ -717,7 +742,10 @@ impl Store for SqliteStore {
             .bind(reason.as_str())
             .execute(&mut *tx)
             .await?;
-            sqlx::query("DELETE FROM backend_key WHERE backend_id = ?1").bind(id.as_str()).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM backend_key WHERE backend_id = ?1")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
             lost.push((id, status_entry(terminated, now, Some(reason), None, None)));
         }
         tx.commit().await?;
@@ -741,8 +769,10 @@ mod tests {
 
     #[tokio::test]
     async fn conformance_in_memory() {
-        crate::conformance::run_all(|| async { Arc::new(SqliteStore::in_memory().await.unwrap()) as crate::SharedStore })
-            .await;
+        crate::conformance::run_all(|| async {
+            Arc::new(SqliteStore::in_memory().await.unwrap()) as crate::SharedStore
+        })
+        .await;
     }
 
     #[tokio::test]

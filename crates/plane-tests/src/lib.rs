@@ -120,9 +120,7 @@ pub struct TestCluster {
 /// Installs a test log subscriber once (`RUST_LOG` to see logs).
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
 }
@@ -161,13 +159,18 @@ impl TestCluster {
         if tc.options.drone {
             tc.start_drone().await?;
         }
-        tc.wait_for(|s| !s.proxies.is_empty()).await.context("proxy did not connect")?;
+        tc.wait_for(|s| !s.proxies.is_empty())
+            .await
+            .context("proxy did not connect")?;
         Ok(tc)
     }
 
     fn controller_config(&self) -> ControllerConfig {
-        let mut config =
-            ControllerConfig::new(self.store.clone(), self.controller_url.clone(), Some(self.cluster.clone()));
+        let mut config = ControllerConfig::new(
+            self.store.clone(),
+            self.controller_url.clone(),
+            Some(self.cluster.clone()),
+        );
         config.name = self.controller_name.clone();
         config.timings = ControllerTimings {
             lease: LeaseTimings::scaled(self.options.lease_unit),
@@ -181,7 +184,9 @@ impl TestCluster {
 
     fn spawn_controller(&self, listener: TcpListener) -> Component {
         let config = self.controller_config();
-        Component::spawn(CancellationToken::new(), |s| plane_controller::serve(listener, config, s))
+        Component::spawn(CancellationToken::new(), |s| {
+            plane_controller::serve(listener, config, s)
+        })
     }
 
     fn spawn_proxy(&self, listener: TcpListener) -> Component {
@@ -224,8 +229,13 @@ impl TestCluster {
             bail!("the drone is running");
         }
         let config = self.drone_config();
-        self.drone = Some(Component::spawn(CancellationToken::new(), |s| plane_drone::run(config, s)));
-        let state = self.wait_for(|s| s.drones.iter().any(|d| d.ready)).await.context("drone did not connect")?;
+        self.drone = Some(Component::spawn(CancellationToken::new(), |s| {
+            plane_drone::run(config, s)
+        }));
+        let state = self
+            .wait_for(|s| s.drones.iter().any(|d| d.ready))
+            .await
+            .context("drone did not connect")?;
         match &state.drones.iter().find(|d| d.ready).map(|d| d.node.name.clone()) {
             Some(plane_types::api::NodeName::Drone(n)) => Ok(n.clone()),
             _ => bail!("no ready drone"),
@@ -287,7 +297,11 @@ impl TestCluster {
     /// A connect request for `key` running `command` (program and arguments).
     pub fn spawn_request(&self, key: &str, command: &[&str]) -> ConnectRequest {
         ConnectRequest {
-            key: Some(KeyConfig { name: key.into(), namespace: String::new(), tag: String::new() }),
+            key: Some(KeyConfig {
+                name: key.into(),
+                namespace: String::new(),
+                tag: String::new(),
+            }),
             spawn_config: Some(SpawnConfig {
                 id: None,
                 cluster: None,
@@ -311,7 +325,10 @@ impl TestCluster {
     /// Connects, remembering the backend so [`TestCluster::shutdown`] stops it.
     pub async fn connect(&self, req: &ConnectRequest) -> Result<ConnectResponse, plane_client::ClientError> {
         let res = self.client.connect(req).await?;
-        self.spawned.lock().unwrap_or_else(|p| p.into_inner()).push(res.backend_id.clone());
+        self.spawned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(res.backend_id.clone());
         Ok(res)
     }
 
@@ -358,7 +375,10 @@ impl TestCluster {
                 self.wait_status(&id, BackendStatus::Terminated).await?;
             }
         }
-        for c in [self.proxy.take(), self.drone.take(), self.controller.take()].into_iter().flatten() {
+        for c in [self.proxy.take(), self.drone.take(), self.controller.take()]
+            .into_iter()
+            .flatten()
+        {
             c.stop().await?;
         }
         Ok(())

@@ -4,14 +4,20 @@
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
-            if path.file_name().is_some_and(|n| n != "target" && !n.to_string_lossy().starts_with('.')) {
+            if path
+                .file_name()
+                .is_some_and(|n| n != "target" && !n.to_string_lossy().starts_with('.'))
+            {
                 rust_files(&path, out);
             }
         } else if path.extension().is_some_and(|e| e == "rs") {
@@ -40,9 +46,15 @@ fn paths_in_architecture_md_exist() {
         // Inside backticks, anything that looks like a repository path must exist.
         if i % 2 == 1 && (part.starts_with("crates/") || part.starts_with(".ci/")) && !part.contains(' ') {
             let path = part.split("::").next().unwrap().trim_end_matches('/');
-            assert!(root().join(path).exists(), "ARCHITECTURE.md mentions `{part}`, which does not exist");
+            assert!(
+                root().join(path).exists(),
+                "ARCHITECTURE.md mentions `{part}`, which does not exist"
+            );
             checked += 1;
         }
     }
-    assert!(checked >= 10, "ARCHITECTURE.md should map the code (found {checked} paths)");
+    assert!(
+        checked >= 10,
+        "ARCHITECTURE.md should map the code (found {checked} paths)"
+    );
 }

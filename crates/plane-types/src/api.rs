@@ -3,7 +3,9 @@
 //! See `../shared/compat/plane-http-api.md` in the project's docs for the contract.
 
 use crate::executable::Executable;
-use crate::names::{check_key_part, check_subdomain, BackendName, ClusterName, ControllerName, DroneName, NameError, ProxyName};
+use crate::names::{
+    check_key_part, check_subdomain, BackendName, ClusterName, ControllerName, DroneName, NameError, ProxyName,
+};
 use crate::status::BackendStatus;
 use base64::Engine;
 use rand::RngCore;
@@ -52,7 +54,11 @@ pub struct ApiError {
 impl ApiError {
     /// A new error with a fresh random id.
     pub fn new(kind: ApiErrorKind, message: impl Into<String>) -> ApiError {
-        ApiError { id: random_id(10), kind, message: message.into() }
+        ApiError {
+            id: random_id(10),
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -68,7 +74,10 @@ fn random_id(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut bytes = vec![0u8; len];
     rand::thread_rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+    bytes
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
 }
 
 /// A new connection token: 32 random bytes, base64url without padding (43 characters).
@@ -298,7 +307,10 @@ mod tests {
         let c: ClusterName = "localhost:9090".parse().unwrap();
         assert_eq!(connect_url(&c, None, "tok"), "http://localhost:9090/tok/");
         let c: ClusterName = "plane.example.com".parse().unwrap();
-        assert_eq!(connect_url(&c, Some("app"), "tok"), "https://app.plane.example.com/tok/");
+        assert_eq!(
+            connect_url(&c, Some("app"), "tok"),
+            "https://app.plane.example.com/tok/"
+        );
     }
 
     #[test]
@@ -314,8 +326,14 @@ mod tests {
         assert!(r.spawn_config.unwrap().executable().is_ok());
         // Wrong types are errors, not ignored.
         assert!(serde_json::from_value::<ConnectRequest>(json!({"key": {"name": 5}})).is_err());
-        assert!(serde_json::from_value::<ConnectRequest>(json!({"spawn_config": {"executable": {}, "cluster": "Bad Name"}})).is_err());
-        assert!(serde_json::from_value::<ConnectRequest>(json!({"spawn_config": {"executable": {}, "max_idle_seconds": -1}})).is_err());
+        assert!(serde_json::from_value::<ConnectRequest>(
+            json!({"spawn_config": {"executable": {}, "cluster": "Bad Name"}})
+        )
+        .is_err());
+        assert!(serde_json::from_value::<ConnectRequest>(
+            json!({"spawn_config": {"executable": {}, "max_idle_seconds": -1}})
+        )
+        .is_err());
     }
 
     #[test]

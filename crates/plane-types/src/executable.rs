@@ -136,7 +136,10 @@ pub struct DockerCredentials {
 
 impl fmt::Debug for DockerCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DockerCredentials").field("username", &self.username).field("password", &"…").finish()
+        f.debug_struct("DockerCredentials")
+            .field("username", &self.username)
+            .field("password", &"…")
+            .finish()
     }
 }
 

@@ -28,7 +28,11 @@ pub enum NameError {
     MissingPrefix { kind: &'static str, prefix: &'static str },
     /// The name contains a character outside its alphabet.
     #[error("{kind} contains {ch:?}; allowed are {allowed}")]
-    InvalidChar { kind: &'static str, ch: char, allowed: &'static str },
+    InvalidChar {
+        kind: &'static str,
+        ch: char,
+        allowed: &'static str,
+    },
     /// A cluster name has a port that is not a number in 1..=65535.
     #[error("cluster name has an invalid port `{port}`")]
     InvalidPort { port: String },
@@ -39,13 +43,24 @@ fn check_name(kind: &'static str, prefix: &'static str, s: &str) -> Result<(), N
         return Err(NameError::Empty { kind });
     }
     if s.len() > MAX_NAME_LEN {
-        return Err(NameError::TooLong { kind, len: s.len(), max: MAX_NAME_LEN });
+        return Err(NameError::TooLong {
+            kind,
+            len: s.len(),
+            max: MAX_NAME_LEN,
+        });
     }
     if !s.starts_with(prefix) || s.len() == prefix.len() {
         return Err(NameError::MissingPrefix { kind, prefix });
     }
-    if let Some(ch) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
-        return Err(NameError::InvalidChar { kind, ch, allowed: "lowercase ASCII letters, digits and `-`" });
+    if let Some(ch) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(NameError::InvalidChar {
+            kind,
+            ch,
+            allowed: "lowercase ASCII letters, digits and `-`",
+        });
     }
     Ok(())
 }
@@ -53,7 +68,9 @@ fn check_name(kind: &'static str, prefix: &'static str, s: &str) -> Result<(), N
 fn random_suffix(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::thread_rng();
-    (0..len).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+    (0..len)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 macro_rules! name_type {
@@ -178,7 +195,11 @@ impl FromStr for ClusterName {
             return Err(NameError::Empty { kind: KIND });
         }
         if s.len() > 253 {
-            return Err(NameError::TooLong { kind: KIND, len: s.len(), max: 253 });
+            return Err(NameError::TooLong {
+                kind: KIND,
+                len: s.len(),
+                max: 253,
+            });
         }
         let (host, port) = match s.rsplit_once(':') {
             Some((h, p)) => (h, Some(p)),
@@ -187,8 +208,9 @@ impl FromStr for ClusterName {
         if host.is_empty() {
             return Err(NameError::Empty { kind: KIND });
         }
-        if let Some(ch) =
-            host.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '.'))
+        if let Some(ch) = host
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '.'))
         {
             return Err(NameError::InvalidChar {
                 kind: KIND,
@@ -230,17 +252,36 @@ impl fmt::Debug for ClusterName {
 /// admits the empty string (namespaces, tags and pools default to it).
 pub fn check_key_part(kind: &'static str, s: &str, allow_empty: bool) -> Result<(), NameError> {
     if s.is_empty() {
-        return if allow_empty { Ok(()) } else { Err(NameError::Empty { kind }) };
+        return if allow_empty {
+            Ok(())
+        } else {
+            Err(NameError::Empty { kind })
+        };
     }
     if s.len() > MAX_KEY_LEN {
-        return Err(NameError::TooLong { kind, len: s.len(), max: MAX_KEY_LEN });
+        return Err(NameError::TooLong {
+            kind,
+            len: s.len(),
+            max: MAX_KEY_LEN,
+        });
     }
     const ALLOWED: &str = "ASCII letters, digits, `-`, `_` and `.` (not first)";
     if s.starts_with('.') {
-        return Err(NameError::InvalidChar { kind, ch: '.', allowed: ALLOWED });
+        return Err(NameError::InvalidChar {
+            kind,
+            ch: '.',
+            allowed: ALLOWED,
+        });
     }
-    if let Some(ch) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
-        return Err(NameError::InvalidChar { kind, ch, allowed: ALLOWED });
+    if let Some(ch) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(NameError::InvalidChar {
+            kind,
+            ch,
+            allowed: ALLOWED,
+        });
     }
     Ok(())
 }
@@ -252,10 +293,21 @@ pub fn check_subdomain(s: &str) -> Result<(), NameError> {
         return Err(NameError::Empty { kind: KIND });
     }
     if s.len() > 63 {
-        return Err(NameError::TooLong { kind: KIND, len: s.len(), max: 63 });
+        return Err(NameError::TooLong {
+            kind: KIND,
+            len: s.len(),
+            max: 63,
+        });
     }
-    if let Some(ch) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
-        return Err(NameError::InvalidChar { kind: KIND, ch, allowed: "lowercase ASCII letters, digits and `-`" });
+    if let Some(ch) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(NameError::InvalidChar {
+            kind: KIND,
+            ch,
+            allowed: "lowercase ASCII letters, digits and `-`",
+        });
     }
     Ok(())
 }
@@ -268,7 +320,12 @@ mod tests {
     where
         T::Err: fmt::Debug,
     {
-        assert_eq!(input.parse::<T>().is_ok(), ok, "parsing {input:?}: {:?}", input.parse::<T>().err());
+        assert_eq!(
+            input.parse::<T>().is_ok(),
+            ok,
+            "parsing {input:?}: {:?}",
+            input.parse::<T>().err()
+        );
     }
 
     #[test]

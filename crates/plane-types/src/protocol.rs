@@ -267,7 +267,10 @@ mod tests {
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(s, r#"{"Heartbeat":{"local_time":7}}"#);
         assert_eq!(serde_json::from_str::<DroneToController>(&s).unwrap(), m);
-        let m = ControllerToProxy::Route { token: "t".into(), result: RouteResult::Gone };
+        let m = ControllerToProxy::Route {
+            token: "t".into(),
+            result: RouteResult::Gone,
+        };
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(serde_json::from_str::<ControllerToProxy>(&s).unwrap(), m);
     }

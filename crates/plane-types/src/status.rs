@@ -210,8 +210,14 @@ mod tests {
             assert_eq!(st.as_str().parse::<BackendStatus>().unwrap(), st);
         }
         assert_eq!(BackendStatus::HardTerminating.order(), 65);
-        assert_eq!(serde_json::to_string(&TerminationReason::KeyExpired).unwrap(), "\"keyexpired\"");
-        assert_eq!("startuptimeout".parse::<TerminationReason>().unwrap(), TerminationReason::StartupTimeout);
+        assert_eq!(
+            serde_json::to_string(&TerminationReason::KeyExpired).unwrap(),
+            "\"keyexpired\""
+        );
+        assert_eq!(
+            "startuptimeout".parse::<TerminationReason>().unwrap(),
+            TerminationReason::StartupTimeout
+        );
         assert!("nope".parse::<TerminationReason>().is_err());
     }
 

@@ -467,10 +467,16 @@ async fn drone_restart_resends_unacked_events_and_keeps_backends() {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let events = outbox.unacked_events().await.unwrap();
-        if events.iter().any(|e| e.backend_id == exiting.backend_id && e.status == BackendStatus::Terminated) {
+        if events
+            .iter()
+            .any(|e| e.backend_id == exiting.backend_id && e.status == BackendStatus::Terminated)
+        {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the exit never reached the outbox: {events:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the exit never reached the outbox: {events:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     outbox.close().await;

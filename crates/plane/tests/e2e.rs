@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 const PLANE: &str = env!("CARGO_BIN_EXE_plane");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Stops `plane dev` (SIGTERM) when the test ends, even on failure.
@@ -30,7 +34,12 @@ impl Drop for Dev {
 }
 
 fn plane(controller: &str, args: &[&str]) -> std::process::Output {
-    Command::new(PLANE).arg("--controller").arg(controller).args(args).output().expect("run plane")
+    Command::new(PLANE)
+        .arg("--controller")
+        .arg(controller)
+        .args(args)
+        .output()
+        .expect("run plane")
 }
 
 #[tokio::test]
@@ -38,7 +47,13 @@ async fn plane_dev_connect_fetch_terminate() {
     let dir = tempfile::tempdir().unwrap();
     let (cport, pport) = (free_port(), free_port());
     let mut child = Command::new(PLANE)
-        .args(["dev", "--controller-port", &cport.to_string(), "--proxy-port", &pport.to_string()])
+        .args([
+            "dev",
+            "--controller-port",
+            &cport.to_string(),
+            "--proxy-port",
+            &pport.to_string(),
+        ])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .stdout(Stdio::piped())
@@ -56,25 +71,43 @@ async fn plane_dev_connect_fetch_terminate() {
     });
     let mut banner = String::new();
     while !banner.contains("plane connect") {
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("plane dev printed its banner");
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("plane dev printed its banner");
         banner.push_str(&line);
         banner.push('\n');
     }
     assert!(banner.contains(&format!("localhost:{pport}")), "{banner}");
 
     let controller = format!("http://127.0.0.1:{cport}");
-    let out = plane(&controller, &["connect", "--key", "room1", "--command", "plane demo-backend", "--json"]);
-    assert!(out.status.success(), "connect failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = plane(
+        &controller,
+        &["connect", "--key", "room1", "--command", "plane demo-backend", "--json"],
+    );
+    assert!(
+        out.status.success(),
+        "connect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let res: serde_json::Value = serde_json::from_slice(&out.stdout).expect("connect --json prints the response");
     let url = res["url"].as_str().unwrap().to_owned();
     let backend = res["backend_id"].as_str().unwrap().to_owned();
     assert!(url.starts_with(&format!("http://localhost:{pport}/")), "{url}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("ready"), "progress shows the states");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ready"),
+        "progress shows the states"
+    );
 
-    let http = reqwest::Client::builder().resolve("localhost", ([127, 0, 0, 1], pport).into()).build().unwrap();
+    let http = reqwest::Client::builder()
+        .resolve("localhost", ([127, 0, 0, 1], pport).into())
+        .build()
+        .unwrap();
     let page = http.get(&url).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.text().await.unwrap().contains(&backend), "the demo page shows its backend id");
+    assert!(
+        page.text().await.unwrap().contains(&backend),
+        "the demo page shows its backend id"
+    );
 
     let out = plane(&controller, &["status", &backend]);
     assert!(out.status.success());
@@ -83,7 +116,11 @@ async fn plane_dev_connect_fetch_terminate() {
     let out = plane(&controller, &["terminate", &backend]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = plane(&controller, &["status", &backend, "--follow"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("terminated"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("terminated"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(http.get(&url).send().await.unwrap().status(), 410);
 
     // A bad request is a clean error with a non-zero exit.
