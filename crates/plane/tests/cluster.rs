@@ -27,6 +27,17 @@ fn api_kind(e: &ClientError) -> Option<(u16, ApiErrorKind)> {
     }
 }
 
+/// Where a backend listens, as the controller recorded it.
+async fn backend_addr(tc: &TestCluster, id: &plane_types::names::BackendName) -> std::net::SocketAddr {
+    tc.store
+        .backend(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .address
+        .expect("a ready backend has an address")
+}
+
 async fn get_json(tc: &TestCluster, url: &str) -> Value {
     let res = tc.http.get(url).send().await.expect("request");
     assert!(res.status().is_success(), "GET {url}: {}", res.status());
@@ -447,14 +458,7 @@ async fn drone_restart_resends_unacked_events_and_keeps_backends() {
     let mut tc = cluster().await;
     let keep = tc.connect_ready(&tc.demo_request("survivor")).await.unwrap();
     let exiting = tc.connect_ready(&tc.demo_request("leaver")).await.unwrap();
-    let exiting_addr = tc
-        .store
-        .backend(&exiting.backend_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .address
-        .unwrap();
+    let exiting_addr = backend_addr(&tc, &exiting.backend_id).await;
 
     // With the controller down, a backend exits: the drone can only record the event.
     tc.stop_controller().await.unwrap();
@@ -514,14 +518,7 @@ async fn drone_restart_resends_unacked_events_and_keeps_backends() {
 async fn lost_drone_backends_are_marked_lost_and_key_is_freed() {
     let mut tc = cluster().await;
     let res = tc.connect_ready(&tc.demo_request("orphan")).await.unwrap();
-    let addr = tc
-        .store
-        .backend(&res.backend_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .address
-        .unwrap();
+    let addr = backend_addr(&tc, &res.backend_id).await;
     tc.stop_drone().await.unwrap();
     // The controller marks it lost once the lease runs out.
     let end = tc
@@ -555,14 +552,7 @@ async fn lost_drone_backends_are_marked_lost_and_key_is_freed() {
 async fn unrenewable_lease_makes_the_drone_terminate_on_its_own() {
     let mut tc = cluster().await;
     let res = tc.connect_ready(&tc.demo_request("partitioned")).await.unwrap();
-    let addr = tc
-        .store
-        .backend(&res.backend_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .address
-        .unwrap();
+    let addr = backend_addr(&tc, &res.backend_id).await;
     tc.stop_controller().await.unwrap();
     // Without renewals the drone soft-terminates at the soft deadline: the backend
     // stops answering.
