@@ -591,3 +591,88 @@ async fn unrenewable_lease_makes_the_drone_terminate_on_its_own() {
     );
     tc.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn revoked_tokens_stop_routing_at_once() {
+    let tc = cluster().await;
+    let mut req = tc.demo_request("revocable");
+    req.user = Some("alice".into());
+    let alice = tc.connect_ready(&req).await.unwrap();
+    req.user = Some("bob".into());
+    let bob = tc.connect(&req).await.unwrap();
+    // Both routes are cached in the proxy now.
+    for url in [&alice.url, &bob.url] {
+        assert_eq!(tc.http.get(format!("{url}env")).send().await.unwrap().status(), 200);
+    }
+    let revoke = plane_types::api::RevokeRequest {
+        backend_id: alice.backend_id.clone(),
+        user: "alice".into(),
+    };
+    tc.client.revoke(&revoke).await.unwrap();
+    // The revocation reaches the proxy's cache (the original caches routes forever).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tc.http.get(format!("{}env", alice.url)).send().await.unwrap().status() != 410 {
+        assert!(tokio::time::Instant::now() < deadline, "revoked token still routes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        tc.http.get(format!("{}env", bob.url)).send().await.unwrap().status(),
+        200
+    );
+    tc.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn draining_drone_takes_no_new_backends() {
+    let tc = cluster().await;
+    let running = tc.connect_ready(&tc.demo_request("before-drain")).await.unwrap();
+    let drone = running.drone.clone().unwrap();
+    assert!(tc.client.drain(&tc.cluster, &drone).await.unwrap().updated);
+    assert!(
+        !tc.client.drain(&tc.cluster, &drone).await.unwrap().updated,
+        "already draining"
+    );
+    let state = tc.client.cluster_state(&tc.cluster).await.unwrap();
+    assert!(state.drones.iter().all(|d| d.draining));
+    let err = tc.client.connect(&tc.demo_request("after-drain")).await.unwrap_err();
+    assert_eq!(api_kind(&err), Some((503, ApiErrorKind::NoDroneAvailable)), "{err}");
+    // Its running backend keeps serving.
+    assert_eq!(
+        tc.http
+            .get(format!("{}env", running.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    tc.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn handshake_rejects_other_protocol_versions() {
+    let tc = cluster().await;
+    let url = format!(
+        "{}/ctrl/drone-socket",
+        tc.controller_url.replacen("http://", "ws://", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    let hello = serde_json::json!({"Hello": {
+        "protocol_version": 999, "name": "dr-future", "cluster": tc.cluster.as_str(), "pool": "",
+        "runtimes": ["process"], "plane_version": "9.9.9", "plane_hash": "x", "local_time": 0}});
+    ws.send(Message::Text(hello.to_string().into())).await.unwrap();
+    let reply = ws_until(&mut ws, |_| true).await;
+    let message = reply["Reject"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("999"), "{reply}");
+    // Garbage as a first message is rejected too, and the controller keeps serving.
+    let url = format!(
+        "{}/ctrl/proxy-socket",
+        tc.controller_url.replacen("http://", "ws://", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    let reply = ws_until(&mut ws, |_| true).await;
+    assert!(reply["Reject"]["message"].is_string(), "{reply}");
+    assert!(tc.client.controller_status().await.is_ok());
+    tc.shutdown().await.unwrap();
+}
