@@ -213,18 +213,16 @@ impl Controller {
         req: &ConnectRequest,
     ) -> Result<(String, Option<String>), HttpError> {
         if let Some(st) = static_token {
-            // The static token's row is written once, by the connect that spawned.
-            if self.store().route(st).await?.is_none() {
-                self.store()
-                    .insert_token(&NewToken {
-                        token: st.to_owned(),
-                        backend_id: backend_id.clone(),
-                        user: req.user.clone(),
-                        auth: req.auth.clone(),
-                        secret_token: None,
-                    })
-                    .await?;
-            }
+            // Written by the first connect; later (or concurrent) inserts are no-ops.
+            self.store()
+                .insert_token(&NewToken {
+                    token: st.to_owned(),
+                    backend_id: backend_id.clone(),
+                    user: req.user.clone(),
+                    auth: req.auth.clone(),
+                    secret_token: None,
+                })
+                .await?;
             return Ok((st.to_owned(), None));
         }
         let token = new_token();

@@ -324,6 +324,17 @@ async fn tokens_route_and_revoke(store: SharedStore) {
             .await
             .unwrap();
     }
+    // Issuing an existing token again (a static token) keeps the first row.
+    store
+        .insert_token(&NewToken {
+            token: "t1".into(),
+            backend_id: id.clone(),
+            user: Some("mallory".into()),
+            auth: None,
+            secret_token: None,
+        })
+        .await
+        .unwrap();
     let r = store.route("t1").await.unwrap().unwrap();
     assert_eq!(r.backend_id, id);
     assert_eq!(r.user.as_deref(), Some("alice"));

@@ -355,7 +355,8 @@ pub trait Store: Send + Sync + 'static {
     /// acquires it with a new fencing token, and creates the backend in `scheduled`.
     async fn create_backend(&self, backend: &NewBackend) -> StoreResult<CreateOutcome>;
 
-    /// Issues a token.
+    /// Issues a token. Inserting a token that exists already (a static token, issued
+    /// again by a concurrent connect) leaves the existing row as it is.
     async fn insert_token(&self, token: &NewToken) -> StoreResult<()>;
 
     /// A backend.

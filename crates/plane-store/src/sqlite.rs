@@ -88,7 +88,9 @@ impl SqliteStore {
     async fn with_options(opts: SqliteConnectOptions) -> StoreResult<SqliteStore> {
         let opts = opts
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            // FULL: a commit the controller has acked to a drone (or a key row, or a
+            // fencing token) must survive an OS crash, not only a process crash.
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
@@ -224,7 +226,9 @@ impl Store for SqliteStore {
     }
 
     async fn drone_heartbeat(&self, name: &DroneName) -> StoreResult<()> {
-        sqlx::query("UPDATE drone SET last_heartbeat = ?1 WHERE name = ?2")
+        // A heartbeat comes only over a live socket, so it also marks the drone ready:
+        // this repairs a late disconnect record from a replaced connection.
+        sqlx::query("UPDATE drone SET last_heartbeat = ?1, ready = 1 WHERE name = ?2")
             .bind(now_ms())
             .bind(name.as_str())
             .execute(&self.pool)
@@ -446,7 +450,7 @@ impl Store for SqliteStore {
     async fn insert_token(&self, t: &NewToken) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO token (token, backend_id, username, auth, secret_token, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (token) DO NOTHING",
         )
         .bind(&t.token)
         .bind(t.backend_id.as_str())
