@@ -128,6 +128,12 @@ impl StreamState {
         }
     }
 
+    async fn requeue_from_history(&mut self) -> Option<()> {
+        let history = self.controller.store().status_history(&self.id).await.ok()?;
+        self.queue(history);
+        Some(())
+    }
+
     async fn next(mut self) -> Option<(Result<Event, Infallible>, StreamState)> {
         loop {
             if let Some(e) = self.pending.pop_front() {
@@ -139,13 +145,12 @@ impl StreamState {
                 return None;
             }
             match self.rx.recv().await {
-                Ok(change) if change.backend_id == self.id => self.queue([change.entry]),
+                // Changes are published by concurrent tasks after their commits, so
+                // they may arrive out of order (or be missed, on lag): the history in
+                // the store has them all, in order.
+                Ok(change) if change.backend_id == self.id => self.requeue_from_history().await?,
                 Ok(_) => {}
-                Err(RecvError::Lagged(_)) => {
-                    // Missed changes: re-read the history, which has them all.
-                    let history = self.controller.store().status_history(&self.id).await.ok()?;
-                    self.queue(history);
-                }
+                Err(RecvError::Lagged(_)) => self.requeue_from_history().await?,
                 Err(RecvError::Closed) => return None,
             }
         }
