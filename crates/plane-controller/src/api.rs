@@ -2,9 +2,9 @@
 //! edge. `/ctrl/*` is the trusted control API; `/pub/*` is public, with open CORS.
 
 use crate::error::HttpError;
-use crate::extract::{path_cluster, path_name, ApiJson};
+use crate::extract::{path_cluster, path_name, ApiJson, ApiPath};
 use crate::state::Controller;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -85,7 +85,7 @@ async fn connect(State(c): AppState, ApiJson(req): ApiJson<ConnectRequest>) -> R
     Ok(Json(c.connect(req).await?).into_response())
 }
 
-async fn backend_status(State(c): AppState, Path(backend): Path<String>) -> Result<Json<StatusEntry>, HttpError> {
+async fn backend_status(State(c): AppState, ApiPath(backend): ApiPath<String>) -> Result<Json<StatusEntry>, HttpError> {
     let id: BackendName = path_name("backend id", &backend)?;
     let history = c.store().status_history(&id).await?;
     history
@@ -159,7 +159,7 @@ impl StreamState {
 
 async fn status_stream(
     State(c): AppState,
-    Path(backend): Path<String>,
+    ApiPath(backend): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, HttpError> {
     let id: BackendName = path_name("backend id", &backend)?;
@@ -205,11 +205,11 @@ async fn terminate(c: &Controller, backend: &str, kind: TerminationKind) -> Resu
     Ok(Json(()))
 }
 
-async fn soft_terminate(State(c): AppState, Path(backend): Path<String>) -> Result<Json<()>, HttpError> {
+async fn soft_terminate(State(c): AppState, ApiPath(backend): ApiPath<String>) -> Result<Json<()>, HttpError> {
     terminate(&c, &backend, TerminationKind::Soft).await
 }
 
-async fn hard_terminate(State(c): AppState, Path(backend): Path<String>) -> Result<Json<()>, HttpError> {
+async fn hard_terminate(State(c): AppState, ApiPath(backend): ApiPath<String>) -> Result<Json<()>, HttpError> {
     terminate(&c, &backend, TerminationKind::Hard).await
 }
 
@@ -227,7 +227,7 @@ async fn revoke(State(c): AppState, ApiJson(req): ApiJson<RevokeRequest>) -> Res
 
 async fn drain(
     State(c): AppState,
-    Path((cluster, drone)): Path<(String, String)>,
+    ApiPath((cluster, drone)): ApiPath<(String, String)>,
 ) -> Result<Json<DrainResponse>, HttpError> {
     let cluster = path_cluster(&cluster)?;
     let drone: DroneName = path_name("drone name", &drone)?;
@@ -240,7 +240,7 @@ async fn drain(
     }
 }
 
-async fn cluster_state(State(c): AppState, Path(cluster): Path<String>) -> Result<Json<ClusterState>, HttpError> {
+async fn cluster_state(State(c): AppState, ApiPath(cluster): ApiPath<String>) -> Result<Json<ClusterState>, HttpError> {
     let cluster = path_cluster(&cluster)?;
     let healthy_within = c.config.timings.drone_unhealthy_after;
     let drones = c

@@ -61,3 +61,17 @@ pub fn path_cluster(s: &str) -> Result<plane_types::names::ClusterName, HttpErro
         )
     })
 }
+
+/// Path parameters; a malformed segment (bad percent-encoding, say) is an `ApiError`.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> axum::extract::FromRequestParts<S> for ApiPath<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, HttpError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| HttpError::bad_request(format!("invalid path: {e}")))
+    }
+}

@@ -104,6 +104,8 @@ async fn invalid_names_in_paths_are_api_errors() {
     let app = app(None).await;
     let (s, v) = call(&app, "GET", "/pub/b/NOT%20VALID/status", "").await;
     assert_api_error(s, &v, 400, "Other");
+    let (s, v) = call(&app, "GET", "/pub/b/%FF%FE/status", "").await;
+    assert_api_error(s, &v, 400, "Other");
     let (s, v) = call(&app, "GET", "/pub/b/unknown-backend/status", "").await;
     assert_api_error(s, &v, 404, "NotFound");
     let (s, v) = call(&app, "GET", "/pub/b/unknown-backend/status-stream", "").await;
