@@ -5,7 +5,7 @@
 //! store in the order it sent them. An event is acked only after the store has it; a
 //! store failure closes the socket so the drone re-sends everything unacked.
 
-use crate::socket::{handshake, next_text, send, spawn_writer, First};
+use crate::socket::{handshake, next_text, send, spawn_writer, upgrade, First};
 use crate::state::Controller;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -20,13 +20,7 @@ use tokio::sync::mpsc;
 
 /// Upgrades the request to the drone socket.
 pub async fn handler(ws: WebSocketUpgrade, State(c): State<Arc<Controller>>) -> Response {
-    ws.on_upgrade(move |socket| async move {
-        let shutdown = c.shutdown.clone();
-        tokio::select! {
-            () = run(c, socket) => {}
-            () = shutdown.cancelled() => {}
-        }
-    })
+    upgrade(ws, c, run)
 }
 
 async fn run(c: Arc<Controller>, socket: WebSocket) {

@@ -5,7 +5,7 @@
 //! for its status to change; lookups run concurrently so one slow backend does not
 //! hold up others.
 
-use crate::socket::{handshake, next_text, send, spawn_writer, First};
+use crate::socket::{handshake, next_text, send, spawn_writer, upgrade, First};
 use crate::state::Controller;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -23,13 +23,7 @@ use tokio::task::JoinSet;
 
 /// Upgrades the request to the proxy socket.
 pub async fn handler(ws: WebSocketUpgrade, State(c): State<Arc<Controller>>) -> Response {
-    ws.on_upgrade(move |socket| async move {
-        let shutdown = c.shutdown.clone();
-        tokio::select! {
-            () = run(c, socket) => {}
-            () = shutdown.cancelled() => {}
-        }
-    })
+    upgrade(ws, c, run)
 }
 
 async fn run(c: Arc<Controller>, socket: WebSocket) {

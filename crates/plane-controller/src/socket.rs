@@ -2,18 +2,37 @@
 //! handshake with its protocol-version check, and the writer task that serialises
 //! outgoing messages.
 
-use axum::extract::ws::{Message, WebSocket};
+use crate::state::Controller;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use plane_types::protocol::PROTOCOL_VERSION;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Upgrades to a WebSocket served by `run`, which stops when the controller shuts down.
+pub(crate) fn upgrade<F, Fut>(ws: WebSocketUpgrade, c: Arc<Controller>, run: F) -> Response
+where
+    F: FnOnce(Arc<Controller>, WebSocket) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    ws.on_upgrade(move |socket| async move {
+        let shutdown = c.shutdown.clone();
+        tokio::select! {
+            () = run(c, socket) => {}
+            () = shutdown.cancelled() => {}
+        }
+    })
+}
 
 /// Serialises a message into a text frame.
 fn encode<T: Serialize>(msg: &T) -> Option<Message> {

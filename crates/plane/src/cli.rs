@@ -261,38 +261,19 @@ fn parse_json(s: &str) -> Result<serde_json::Value, String> {
 /// Runs the command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let global = cli.controller.as_deref();
-    let client_only = || bail!("`--controller` before the subcommand applies to client commands only");
+    let is_role = matches!(
+        cli.command,
+        Command::Controller(_) | Command::Drone(_) | Command::Proxy(_) | Command::Dev(_) | Command::DemoBackend
+    );
+    if global.is_some() && is_role {
+        bail!("`--controller` before the subcommand applies to client commands only");
+    }
     match cli.command {
-        Command::Controller(args) => {
-            if global.is_some() {
-                return client_only();
-            }
-            roles::run_controller(args).await
-        }
-        Command::Drone(args) => {
-            if global.is_some() {
-                return client_only();
-            }
-            roles::run_drone(args).await
-        }
-        Command::Proxy(args) => {
-            if global.is_some() {
-                return client_only();
-            }
-            roles::run_proxy(args).await
-        }
-        Command::Dev(args) => {
-            if global.is_some() {
-                return client_only();
-            }
-            roles::run_dev(args).await
-        }
-        Command::DemoBackend => {
-            if global.is_some() {
-                return client_only();
-            }
-            demo::run().await
-        }
+        Command::Controller(args) => roles::run_controller(args).await,
+        Command::Drone(args) => roles::run_drone(args).await,
+        Command::Proxy(args) => roles::run_proxy(args).await,
+        Command::Dev(args) => roles::run_dev(args).await,
+        Command::DemoBackend => demo::run().await,
         Command::Connect(args) => connect(&args.client.client(global)?, &args).await,
         Command::Status(args) => status(&args.client.client(global)?, &args).await,
         Command::Terminate(args) => {
