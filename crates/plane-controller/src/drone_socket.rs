@@ -160,6 +160,12 @@ async fn handle(c: &Controller, drone: &DroneName, msg: DroneToController) -> Re
             }
             c.send_drone(drone, ControllerToDrone::Renewed { backend_id, deadlines });
         }
+        DroneToController::LoadProgress { backend_id, progress } => {
+            tracing::debug!(%drone, %backend_id, message = %progress.message, "load progress");
+        }
+        DroneToController::Metrics { backend_id, metrics } => {
+            tracing::debug!(%drone, %backend_id, memory = metrics.memory_bytes, "backend metrics");
+        }
     }
     Ok(())
 }

@@ -29,6 +29,8 @@ pub struct DroneConfig {
     pub db_path: PathBuf,
     /// How the process runtime runs backends.
     pub process: ProcessRuntimeConfig,
+    /// The Docker runtime, if this drone offers one.
+    pub docker: Option<DockerRuntimeConfig>,
     /// Loop timings.
     pub timings: DroneTimings,
 }
@@ -64,6 +66,73 @@ impl Default for ProcessRuntimeConfig {
     }
 }
 
+/// Where a container is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DockerAddressMode {
+    /// Port 8080 of the container is published on `host_ip` at a port the engine picks;
+    /// the backend's address is `host_ip:<that port>`.
+    HostPort,
+    /// The container's own IP on its network (`network_name`, or the runtime's
+    /// `network`), port 8080: for drones and proxies that share a Docker network.
+    ContainerIp,
+}
+
+/// Configuration of the Docker runtime, which runs each backend as a container.
+#[derive(Clone, Debug)]
+pub struct DockerRuntimeConfig {
+    /// The engine's address (`unix:///var/run/docker.sock`, `tcp://…`); `None`: bollard's
+    /// defaults (`DOCKER_HOST`, else the local socket).
+    pub docker_host: Option<String>,
+    /// The OCI runtime containers run under (`runsc` for gVisor); `None`: the engine's
+    /// default.
+    pub oci_runtime: Option<String>,
+    /// The log driver of the containers; `None`: the engine's default.
+    pub log_driver: Option<String>,
+    /// Options of the log driver (`max-size=10m`, …).
+    pub log_options: HashMap<String, String>,
+    /// Where `mount` paths live on the host. An executable with a mount is refused when
+    /// this is unset.
+    pub mount_base: Option<PathBuf>,
+    /// The most processes and threads a container may have (`--pids-limit`).
+    pub pids_limit: i64,
+    /// Whether containers get a read-only root filesystem (plus a writable `/tmp`).
+    pub read_only_rootfs: bool,
+    /// How a backend's address is found.
+    pub address_mode: DockerAddressMode,
+    /// The drone's IP: published ports bind to it and addresses use it (host-port mode).
+    pub host_ip: IpAddr,
+    /// The network containers join when the executable names none (`None`: the
+    /// engine's default bridge).
+    pub network: Option<String>,
+    /// Stopped Plane containers of this drone are removed once they have been stopped
+    /// this long.
+    pub remove_stopped_after: Duration,
+    /// Whether images this drone pulled (and only those) are removed once no container
+    /// of this drone uses them.
+    pub prune_images: bool,
+}
+
+impl Default for DockerRuntimeConfig {
+    /// The engine's defaults, hardened: pids limit 1024, read-write root, host ports on
+    /// loopback, stopped containers removed after 10 minutes, no image pruning.
+    fn default() -> Self {
+        DockerRuntimeConfig {
+            docker_host: None,
+            oci_runtime: None,
+            log_driver: None,
+            log_options: HashMap::new(),
+            mount_base: None,
+            pids_limit: 1024,
+            read_only_rootfs: false,
+            address_mode: DockerAddressMode::HostPort,
+            host_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            network: None,
+            remove_stopped_after: Duration::from_secs(600),
+            prune_images: false,
+        }
+    }
+}
+
 /// How often and how long the drone's loops wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DroneTimings {
@@ -81,6 +150,8 @@ pub struct DroneTimings {
     pub reconnect_max: Duration,
     /// How often an unanswered `RenewKey` is repeated.
     pub renew_retry: Duration,
+    /// How often each running backend's resource use is sampled and reported.
+    pub metrics_interval: Duration,
 }
 
 impl Default for DroneTimings {
@@ -92,6 +163,7 @@ impl Default for DroneTimings {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             renew_retry: Duration::from_secs(1),
+            metrics_interval: Duration::from_secs(10),
         }
     }
 }

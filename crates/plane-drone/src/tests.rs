@@ -55,6 +55,7 @@ fn timings() -> DroneTimings {
         reconnect_min: Duration::from_millis(10),
         reconnect_max: Duration::from_millis(50),
         renew_retry: Duration::from_millis(50),
+        metrics_interval: Duration::from_millis(200),
     }
 }
 
@@ -590,7 +591,10 @@ impl ControllerSide {
         loop {
             match self.recv().await {
                 DroneToController::Event(e) => return e,
-                DroneToController::Heartbeat { .. } | DroneToController::RenewKey { .. } => {}
+                DroneToController::Heartbeat { .. }
+                | DroneToController::RenewKey { .. }
+                | DroneToController::LoadProgress { .. }
+                | DroneToController::Metrics { .. } => {}
                 DroneToController::Hello(h) => panic!("unexpected Hello {h:?}"),
             }
         }
@@ -645,6 +649,7 @@ fn drone_config(controller: &ScriptedController, dir: &TempDir) -> DroneConfig {
         pool: "p1".into(),
         db_path: dir.path().join("db/drone.db"),
         process: process_config(dir),
+        docker: None,
         timings: timings(),
     }
 }

@@ -168,12 +168,16 @@ const DRONE_SELECT: &str = "SELECT d.*, c.last_heartbeat AS controller_heartbeat
      (SELECT COUNT(*) FROM backend b WHERE b.drone = d.name AND b.status_order < 70) AS backend_count \
      FROM drone d LEFT JOIN controller c ON c.name = d.controller";
 
+/// The detail recorded when a backend's lease runs out while its drone is silent.
+const LOST_MESSAGE: &str = "the drone stopped renewing the key lease";
+
 fn status_entry(
     status: BackendStatus,
     time: i64,
     reason: Option<TerminationReason>,
     kind: Option<TerminationKind>,
     exit_code: Option<i32>,
+    message: Option<String>,
 ) -> StatusEntry {
     StatusEntry {
         status,
@@ -181,6 +185,7 @@ fn status_entry(
         termination_reason: reason,
         termination_kind: kind,
         exit_error: (status == BackendStatus::Terminated).then_some(matches!(exit_code, Some(c) if c != 0)),
+        message,
     }
 }
 
@@ -473,7 +478,7 @@ impl Store for SqliteStore {
 
     async fn status_history(&self, id: &BackendName) -> StoreResult<Vec<StatusEntry>> {
         let rows = sqlx::query(
-            "SELECT s.status, s.time, s.termination_reason, s.termination_kind, s.exit_error \
+            "SELECT s.status, s.time, s.termination_reason, s.termination_kind, s.exit_error, s.message \
              FROM backend_status s WHERE s.backend_id = ?1 ORDER BY s.status_order",
         )
         .bind(id.as_str())
@@ -487,6 +492,7 @@ impl Store for SqliteStore {
                     termination_reason: parse_opt("termination reason", row.try_get("termination_reason")?)?,
                     termination_kind: parse_opt("termination kind", row.try_get("termination_kind")?)?,
                     exit_error: row.try_get::<Option<bool>, _>("exit_error")?,
+                    message: row.try_get("message")?,
                 })
             })
             .collect()
@@ -552,10 +558,10 @@ impl Store for SqliteStore {
         .bind(u.backend_id.as_str())
         .execute(&mut *tx)
         .await?;
-        let entry = status_entry(u.status, now, reason, kind, exit_code);
+        let entry = status_entry(u.status, now, reason, kind, exit_code, u.message.clone());
         sqlx::query(
-            "INSERT INTO backend_status (backend_id, status, status_order, time, termination_reason, termination_kind, exit_error) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO backend_status (backend_id, status, status_order, time, termination_reason, termination_kind, exit_error, message) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )
         .bind(u.backend_id.as_str())
         .bind(u.status.as_str())
@@ -564,6 +570,7 @@ impl Store for SqliteStore {
         .bind(reason.map(|r| r.as_str()))
         .bind(kind.map(|k| k.as_str()))
         .bind(entry.exit_error)
+        .bind(&entry.message)
         .execute(&mut *tx)
         .await?;
         if terminated {
@@ -736,21 +743,25 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "INSERT INTO backend_status (backend_id, status, status_order, time, termination_reason, exit_error) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+                "INSERT INTO backend_status (backend_id, status, status_order, time, termination_reason, exit_error, message) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)",
             )
             .bind(id.as_str())
             .bind(terminated.as_str())
             .bind(terminated.order())
             .bind(now)
             .bind(reason.as_str())
+            .bind(LOST_MESSAGE)
             .execute(&mut *tx)
             .await?;
             sqlx::query("DELETE FROM backend_key WHERE backend_id = ?1")
                 .bind(id.as_str())
                 .execute(&mut *tx)
                 .await?;
-            lost.push((id, status_entry(terminated, now, Some(reason), None, None)));
+            lost.push((
+                id,
+                status_entry(terminated, now, Some(reason), None, None, Some(LOST_MESSAGE.to_owned())),
+            ));
         }
         tx.commit().await?;
         Ok(lost)

@@ -212,6 +212,7 @@ impl TestCluster {
                 log_dir: self.dir.path().join("logs"),
                 bind_host: [127, 0, 0, 1].into(),
             },
+            docker: None,
             timings: DroneTimings {
                 heartbeat_interval: self.options.heartbeat_interval,
                 soft_terminate_grace: self.options.soft_terminate_grace,
@@ -219,6 +220,7 @@ impl TestCluster {
                 reconnect_min: Duration::from_millis(20),
                 reconnect_max: Duration::from_millis(200),
                 renew_retry: Duration::from_millis(100),
+                metrics_interval: Duration::from_millis(500),
             },
         }
     }

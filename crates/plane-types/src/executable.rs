@@ -196,6 +196,12 @@ pub struct DockerExecutable {
     /// The Docker network to attach to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_name: Option<String>,
+    /// Replaces the image's `CMD` (an extension of ours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's `ENTRYPOINT` (an extension of ours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
 }
 
 impl DockerExecutable {
@@ -206,6 +212,21 @@ impl DockerExecutable {
         if let Some(Mount::Path(p)) = &self.mount {
             if p.is_empty() || p.starts_with('/') || p.split('/').any(|c| c == "..") {
                 return Err(format!("`mount` path {p:?} must be relative and must not contain `..`"));
+            }
+        }
+        for (field, args) in [("command", &self.command), ("entrypoint", &self.entrypoint)] {
+            if let Some(args) = args {
+                if args.is_empty() {
+                    return Err(format!("`{field}` must not be an empty list (leave it out to keep the image's)"));
+                }
+                if args.iter().any(|a| a.contains('\0')) {
+                    return Err(format!("`{field}` contains a NUL byte"));
+                }
+            }
+        }
+        if let Some(network) = &self.network_name {
+            if network.is_empty() {
+                return Err("`network_name` must not be empty".into());
             }
         }
         if let Some(pct) = self.resource_limits.cpu_period_percent {
@@ -244,6 +265,11 @@ mod tests {
             json!({"image": "x", "mount": "../etc"}),
             json!({"image": "x", "mount": "/etc"}),
             json!({"image": "x", "resource_limits": {"cpu_period_percent": 200}}),
+            json!({"image": "x", "command": []}),
+            json!({"image": "x", "entrypoint": "sh"}),
+            json!({"image": "x", "network_name": ""}),
+            json!({"image": "x", "mount": "a/../../etc"}),
+            json!({"image": "x", "resource_limits": {"memory_limit_bytes": "lots"}}),
         ] {
             assert!(Executable::from_json(&bad).is_err(), "{bad} should be rejected");
         }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// The protocol version. Bump it on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Path of the drone socket on the controller.
 pub const DRONE_SOCKET_PATH: &str = "/ctrl/drone-socket";
@@ -75,6 +75,54 @@ pub struct BackendEvent {
     pub message: Option<String>,
 }
 
+/// How far a backend's loading step (an image pull, for Docker) has got. Sent while the
+/// backend is `loading`, at a bounded rate; not persisted (a lost report is replaced by
+/// the next one).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoadProgress {
+    /// What is happening, e.g. `"pulling 3 of 7 layers"`.
+    pub message: String,
+    /// Completion in `0.0..=1.0`, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f32>,
+    /// Bytes fetched so far, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_done: Option<u64>,
+    /// Bytes to fetch in all, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
+}
+
+impl LoadProgress {
+    /// A report with only a message.
+    pub fn message(message: impl Into<String>) -> LoadProgress {
+        LoadProgress {
+            message: message.into(),
+            fraction: None,
+            bytes_done: None,
+            bytes_total: None,
+        }
+    }
+}
+
+/// One sample of a running backend's resource use. Sent at a bounded rate; not persisted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendMetrics {
+    /// Memory in use, in bytes (for Docker: usage minus page cache, as `docker stats`).
+    pub memory_bytes: u64,
+    /// The memory limit, in bytes, if one applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU time used since the backend started, in nanoseconds.
+    pub cpu_total_nanos: u64,
+    /// CPU use since the previous sample, in percent of one core (may exceed 100 with
+    /// several cores); absent on the first sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// The drone's clock when the sample was taken.
+    pub sampled_at: EpochMillis,
+}
+
 /// Messages from a drone to the controller.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum DroneToController {
@@ -95,6 +143,20 @@ pub enum DroneToController {
         fencing_token: i64,
         /// The drone's clock when it sent the request.
         local_time: EpochMillis,
+    },
+    /// Progress of a backend's loading step. Not acked.
+    LoadProgress {
+        /// The backend.
+        backend_id: BackendName,
+        /// How far it has got.
+        progress: LoadProgress,
+    },
+    /// A resource-use sample of a running backend. Not acked.
+    Metrics {
+        /// The backend.
+        backend_id: BackendName,
+        /// The sample.
+        metrics: BackendMetrics,
     },
 }
 

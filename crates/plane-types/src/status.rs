@@ -187,6 +187,10 @@ pub struct StatusEntry {
     /// Only on `terminated`: true iff the backend exited with a non-zero exit code.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_error: Option<bool>,
+    /// A human-readable detail, such as why an image pull failed (an extension of ours;
+    /// Plane 0.5 clients ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[cfg(test)]
@@ -229,6 +233,7 @@ mod tests {
             termination_reason: None,
             termination_kind: None,
             exit_error: None,
+            message: None,
         };
         assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"status":"ready","time":5}"#);
     }

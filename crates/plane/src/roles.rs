@@ -197,6 +197,7 @@ pub async fn run_drone(args: DroneArgs) -> anyhow::Result<()> {
             log_dir,
             bind_host: args.backend_host,
         },
+        docker: None,
         timings: DroneTimings {
             soft_terminate_grace: Duration::from_secs(args.soft_terminate_grace_seconds),
             startup_timeout: Duration::from_secs(args.startup_timeout_seconds),
@@ -255,6 +256,7 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             log_dir: data_dir.join("logs"),
             bind_host: IpAddr::from([127, 0, 0, 1]),
         },
+        docker: None,
         timings: DroneTimings {
             soft_terminate_grace: Duration::from_secs(args.soft_terminate_grace_seconds),
             ..DroneTimings::default()

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use plane_types::executable::{Executable, RuntimeKind};
 use plane_types::names::BackendName;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -58,14 +58,7 @@ impl BackendSpec {
     }
 }
 
-/// A progress report during the loading step (an image pull, for Docker).
-#[derive(Clone, Debug, PartialEq)]
-pub struct LoadProgress {
-    /// What is happening, e.g. `"pulling layer 3/7"`.
-    pub message: String,
-    /// Completion in `0.0..=1.0`, when known.
-    pub fraction: Option<f32>,
-}
+pub use plane_types::protocol::{BackendMetrics, LoadProgress};
 
 /// How a runtime finds a backend again: persisted by the drone after `start` and handed
 /// back to `signal`, `wait_exit` and `adopt`, also by a restarted drone.
@@ -186,6 +179,20 @@ pub trait Runtime: Send + Sync + 'static {
     /// After a drone restart: whether the backend behind `handle` still runs; if so the
     /// runtime tracks it again (`signal` and `wait_exit` work on it).
     async fn adopt(&self, backend_id: &BackendName, handle: &RuntimeHandle) -> Result<Adoption, RuntimeError>;
+
+    /// One resource-use sample of a running backend, if this runtime can take one. The
+    /// caller bounds the rate (one call per backend per metrics interval).
+    async fn metrics(&self, _handle: &RuntimeHandle) -> Option<BackendMetrics> {
+        None
+    }
+
+    /// After a restart, once every recorded backend has been resumed: `known` holds the
+    /// ids of every backend the state store has a record of. The runtime stops (and may
+    /// remove) whatever it finds running under this drone's identity that is not among
+    /// them. Runtimes that cannot enumerate their backends do nothing.
+    async fn reconcile(&self, _known: &HashSet<BackendName>) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }
 
 /// Returns once something at `address` answers HTTP: each attempt connects, sends
