@@ -849,6 +849,7 @@ mod tests {
             termination_reason: None,
             termination_kind: None,
             exit_error: None,
+            message: None,
         };
         assert_eq!(describe_entry(&e), "ready");
         e.status = BackendStatus::Terminated;
