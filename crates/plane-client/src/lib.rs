@@ -26,8 +26,11 @@ pub use error::ClientError;
 pub use plane_types;
 
 use futures_util::{Stream, StreamExt};
-use plane_types::api::{ClusterState, ConnectRequest, ConnectResponse, DrainResponse, RevokeRequest, StatusResponse};
+use plane_types::api::{
+    BackendMetricsResponse, ClusterState, ConnectRequest, ConnectResponse, DrainResponse, RevokeRequest, StatusResponse,
+};
 use plane_types::names::{BackendName, ClusterName, DroneName};
+use plane_types::protocol::LoadProgress;
 use plane_types::status::{BackendStatus, StatusEntry};
 use reqwest::header::{ACCEPT, CACHE_CONTROL};
 use reqwest::{Method, RequestBuilder, Response, Url};
@@ -110,7 +113,37 @@ impl PlaneClient {
         backend: &BackendName,
         last_event_id: Option<BackendStatus>,
     ) -> Result<impl Stream<Item = Result<StatusEntry, ClientError>> + Send + Unpin, ClientError> {
-        let url = self.url(&["pub", "b", backend.as_str(), "status-stream"]);
+        let stream = self.open_status_stream(backend, last_event_id, false).await?;
+        Ok(stream.filter_map(|item| {
+            std::future::ready(match item {
+                Ok(StreamItem::Status(entry)) => Some(Ok(entry)),
+                Ok(StreamItem::Progress(_)) => None,
+                Err(e) => Some(Err(e)),
+            })
+        }))
+    }
+
+    /// Like [`PlaneClient::status_stream`], but also yields the backend's load progress
+    /// (`?progress=true`: an image pull, for Docker) while it is loading.
+    pub async fn status_stream_with_progress(
+        &self,
+        backend: &BackendName,
+        last_event_id: Option<BackendStatus>,
+    ) -> Result<impl Stream<Item = Result<StreamItem, ClientError>> + Send + Unpin, ClientError> {
+        self.open_status_stream(backend, last_event_id, true).await
+    }
+
+    async fn open_status_stream(
+        &self,
+        backend: &BackendName,
+        last_event_id: Option<BackendStatus>,
+        progress: bool,
+    ) -> Result<StatusStream<impl Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + Unpin>, ClientError>
+    {
+        let mut url = self.url(&["pub", "b", backend.as_str(), "status-stream"]);
+        if progress {
+            url.set_query(Some("progress=true"));
+        }
         let mut request = self
             .authorized(self.http.get(url))
             .header(ACCEPT, "text/event-stream")
@@ -118,7 +151,7 @@ impl PlaneClient {
         if let Some(status) = last_event_id {
             request = request.header("last-event-id", status.as_str());
         }
-        tracing::debug!(%backend, ?last_event_id, "opening status stream");
+        tracing::debug!(%backend, ?last_event_id, progress, "opening status stream");
         let response = check_status(request.send().await?).await?;
         Ok(StatusStream {
             body: Box::pin(response.bytes_stream()),
@@ -126,6 +159,13 @@ impl PlaneClient {
             ready: VecDeque::new(),
             done: false,
         })
+    }
+
+    /// `GET /ctrl/b/:backend/metrics`: the latest resource-use sample of a backend and,
+    /// while it loads, its load progress.
+    pub async fn backend_metrics(&self, backend: &BackendName) -> Result<BackendMetricsResponse, ClientError> {
+        self.json(Method::GET, &["ctrl", "b", backend.as_str(), "metrics"], None::<&()>)
+            .await
     }
 
     /// `POST /ctrl/b/:backend/soft-terminate`: asks the backend to stop (SIGTERM, then
@@ -266,24 +306,42 @@ async fn check_status(response: Response) -> Result<Response, ClientError> {
 
 /// Decodes one server-sent event of the status stream. Events without data (which a
 /// server may send to keep the connection open) give `None`.
-fn decode_status_event(event: &SseEvent) -> Option<Result<StatusEntry, ClientError>> {
+/// One item of a status stream opened with [`PlaneClient::status_stream_with_progress`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum StreamItem {
+    /// A new status.
+    Status(StatusEntry),
+    /// How far the backend's loading step has got.
+    Progress(LoadProgress),
+}
+
+fn decode_json<T: DeserializeOwned>(what: &str, data: &str) -> Result<T, ClientError> {
+    serde_json::from_str(data).map_err(|e| {
+        ClientError::Decode(format!(
+            "invalid {what} event {:?}: {e}",
+            error::truncated_text(data.as_bytes())
+        ))
+    })
+}
+
+fn decode_status_event(event: &SseEvent) -> Option<Result<StreamItem, ClientError>> {
     if event.data.trim().is_empty() {
         return None;
     }
-    Some(serde_json::from_str(&event.data).map_err(|e| {
-        ClientError::Decode(format!(
-            "invalid status event {:?}: {e}",
-            error::truncated_text(event.data.as_bytes())
-        ))
-    }))
+    match event.event.as_deref() {
+        None | Some("message") => Some(decode_json("status", &event.data).map(StreamItem::Status)),
+        Some("progress") => Some(decode_json("progress", &event.data).map(StreamItem::Progress)),
+        // Event types of later servers are skipped.
+        Some(_) => None,
+    }
 }
 
 /// The stream returned by [`PlaneClient::status_stream`].
 struct StatusStream<S> {
     body: S,
     parser: SseParser,
-    /// Entries parsed from the last chunk and not yet returned.
-    ready: VecDeque<Result<StatusEntry, ClientError>>,
+    /// Items parsed from the last chunk and not yet returned.
+    ready: VecDeque<Result<StreamItem, ClientError>>,
     /// The body has ended or failed; return what is in `ready`, then end.
     done: bool,
 }
@@ -293,7 +351,7 @@ where
     S: Stream<Item = Result<B, reqwest::Error>> + Unpin,
     B: AsRef<[u8]>,
 {
-    type Item = Result<StatusEntry, ClientError>;
+    type Item = Result<StreamItem, ClientError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -410,10 +468,22 @@ mod tests {
 
     #[test]
     fn status_events_are_decoded() {
-        let e = decode_status_event(&event(r#"{"status":"ready","time":5}"#))
-            .unwrap()
-            .unwrap();
+        let Some(Ok(StreamItem::Status(e))) = decode_status_event(&event(r#"{"status":"ready","time":5}"#)) else {
+            panic!("not a status");
+        };
         assert_eq!((e.status, e.time), (BackendStatus::Ready, 5));
+        let mut progress = event(r#"{"message":"pulling","fraction":0.5,"bytes_done":5,"bytes_total":10}"#);
+        progress.event = Some("progress".into());
+        let Some(Ok(StreamItem::Progress(p))) = decode_status_event(&progress) else {
+            panic!("not progress");
+        };
+        assert_eq!(
+            (p.fraction, p.bytes_done, p.bytes_total),
+            (Some(0.5), Some(5), Some(10))
+        );
+        let mut unknown = event("{}");
+        unknown.event = Some("from-the-future".into());
+        assert!(decode_status_event(&unknown).is_none());
         assert!(decode_status_event(&event("")).is_none());
         assert!(matches!(
             decode_status_event(&event("{nope")),
@@ -440,7 +510,8 @@ mod tests {
         let mut errors = 0;
         while let Some(item) = s.next().await {
             match item {
-                Ok(e) => statuses.push(e.status),
+                Ok(StreamItem::Status(e)) => statuses.push(e.status),
+                Ok(StreamItem::Progress(p)) => panic!("unexpected progress {p:?}"),
                 Err(ClientError::Decode(_)) => errors += 1,
                 Err(e) => panic!("unexpected error {e}"),
             }

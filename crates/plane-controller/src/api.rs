@@ -4,7 +4,8 @@
 use crate::error::HttpError;
 use crate::extract::{path_cluster, path_name, ApiJson, ApiPath};
 use crate::state::Controller;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -12,8 +13,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream};
 use plane_types::api::{
-    ApiErrorKind, ClusterState, ConnectRequest, DrainResponse, DroneState, NodeName, NodeState, RevokeRequest,
-    StatusResponse,
+    ApiErrorKind, BackendMetricsResponse, ClusterState, ConnectRequest, DrainResponse, DroneState, NodeName, NodeState,
+    RevokeRequest, StatusResponse,
 };
 use plane_types::names::{BackendName, DroneName};
 use plane_types::protocol::{ControllerToDrone, ControllerToProxy, DRONE_SOCKET_PATH, PROXY_SOCKET_PATH};
@@ -44,6 +45,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/ctrl/b/revoke", post(revoke))
         .route("/ctrl/b/{backend}/soft-terminate", post(soft_terminate))
         .route("/ctrl/b/{backend}/hard-terminate", post(hard_terminate))
+        .route("/ctrl/b/{backend}/metrics", get(backend_metrics))
         .route(DRONE_SOCKET_PATH, get(crate::drone_socket::handler))
         .route(PROXY_SOCKET_PATH, get(crate::proxy_socket::handler))
         // Before the merge: the CORS layer of the public routes answers their preflights.
@@ -107,11 +109,38 @@ fn sse_event(entry: &StatusEntry) -> Event {
         .data(serde_json::to_string(entry).unwrap_or_default())
 }
 
+async fn next_progress(
+    rx: &mut Option<tokio::sync::broadcast::Receiver<crate::state::ProgressChange>>,
+) -> Option<Result<crate::state::ProgressChange, RecvError>> {
+    match rx {
+        Some(rx) => Some(rx.recv().await),
+        None => std::future::pending().await,
+    }
+}
+
+fn progress_event(progress: &plane_types::protocol::LoadProgress) -> Event {
+    Event::default()
+        .event("progress")
+        .data(serde_json::to_string(progress).unwrap_or_default())
+}
+
+/// `?progress=true` on the status stream: also send `event: progress` events while the
+/// backend loads. Off by default, so Plane 0.5 clients see only status events.
+#[derive(Debug, Default, serde::Deserialize)]
+struct StreamQuery {
+    #[serde(default)]
+    progress: bool,
+}
+
 /// State of one status stream: what is left to replay, and the live subscription.
 struct StreamState {
     controller: Arc<Controller>,
     id: BackendName,
     rx: tokio::sync::broadcast::Receiver<crate::state::StatusChange>,
+    /// Load-progress reports, if the client asked for them and the backend still loads.
+    progress: Option<tokio::sync::broadcast::Receiver<crate::state::ProgressChange>>,
+    /// The latest progress known when the stream opened, sent after the replay.
+    initial_progress: Option<plane_types::protocol::LoadProgress>,
     pending: std::collections::VecDeque<StatusEntry>,
     last: Option<BackendStatus>,
     done: bool,
@@ -134,6 +163,11 @@ impl StreamState {
         Some(())
     }
 
+    /// Whether progress is still worth sending: the backend has not started yet.
+    fn wants_progress(&self) -> bool {
+        self.last.is_none_or(|l| l < BackendStatus::Starting)
+    }
+
     async fn next(mut self) -> Option<(Result<Event, Infallible>, StreamState)> {
         loop {
             if let Some(e) = self.pending.pop_front() {
@@ -144,7 +178,27 @@ impl StreamState {
             if self.done {
                 return None;
             }
-            match self.rx.recv().await {
+            if !self.wants_progress() {
+                self.progress = None;
+                self.initial_progress = None;
+            }
+            if let Some(p) = self.initial_progress.take() {
+                return Some((Ok(progress_event(&p)), self));
+            }
+            let change = tokio::select! {
+                biased;
+                change = self.rx.recv() => change,
+                progress = next_progress(&mut self.progress) => {
+                    match progress {
+                        Some(Ok(p)) if p.backend_id == self.id => return Some((Ok(progress_event(&p.progress)), self)),
+                        Some(Err(RecvError::Closed)) => self.progress = None,
+                        // Lagged progress is simply skipped: the next report supersedes it.
+                        _ => {}
+                    }
+                    continue;
+                }
+            };
+            match change {
                 // Changes are published by concurrent tasks after their commits, so
                 // they may arrive out of order (or be missed, on lag): the history in
                 // the store has them all, in order.
@@ -160,19 +214,25 @@ impl StreamState {
 async fn status_stream(
     State(c): AppState,
     ApiPath(backend): ApiPath<String>,
+    query: Result<Query<StreamQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, HttpError> {
     let id: BackendName = path_name("backend id", &backend)?;
+    let Query(query) = query.map_err(|e| HttpError::bad_request(format!("invalid query: {}", e.body_text())))?;
     // Subscribe before reading the history so no change falls between the two.
     let rx = c.subscribe();
+    let progress = query.progress.then(|| c.subscribe_progress());
     let history = c.store().status_history(&id).await?;
     if history.is_empty() {
         return Err(HttpError::not_found(format!("no backend {id}")));
     }
+    let initial_progress = progress.as_ref().and_then(|_| c.observed(&id).progress);
     let mut state = StreamState {
         controller: c.clone(),
         id,
         rx,
+        initial_progress,
+        progress,
         pending: Default::default(),
         last: last_event_id(&headers),
         done: false,
@@ -182,6 +242,30 @@ async fn status_stream(
     }
     state.queue(history);
     Ok(Sse::new(stream::unfold(state, StreamState::next)).keep_alive(KeepAlive::default()))
+}
+
+async fn backend_metrics(
+    State(c): AppState,
+    ApiPath(backend): ApiPath<String>,
+) -> Result<Json<BackendMetricsResponse>, HttpError> {
+    let id: BackendName = path_name("backend id", &backend)?;
+    let record = c
+        .store()
+        .backend(&id)
+        .await?
+        .ok_or_else(|| HttpError::not_found(format!("no backend {id}")))?;
+    let observed = c.observed(&id);
+    let live = !record.status.is_terminal();
+    Ok(Json(BackendMetricsResponse {
+        backend_id: id,
+        status: record.status,
+        metrics: observed
+            .metrics
+            .filter(|(drone, _)| live && *drone == record.drone)
+            .map(|(_, m)| m),
+        progress: observed.progress.filter(|_| record.status < BackendStatus::Starting),
+        drone: record.drone,
+    }))
 }
 
 async fn terminate(c: &Controller, backend: &str, kind: TerminationKind) -> Result<Json<()>, HttpError> {
@@ -253,6 +337,7 @@ async fn cluster_state(State(c): AppState, ApiPath(cluster): ApiPath<String>) ->
             draining: d.draining,
             last_heartbeat_age: Some(d.last_heartbeat_age.as_secs_f64()),
             backend_count: d.backend_count,
+            runtimes: d.runtimes,
             node: NodeState {
                 name: NodeName::Drone(d.name),
                 plane_version: d.plane_version,

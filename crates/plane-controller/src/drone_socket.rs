@@ -162,10 +162,9 @@ async fn handle(c: &Controller, drone: &DroneName, msg: DroneToController) -> Re
         }
         DroneToController::LoadProgress { backend_id, progress } => {
             tracing::debug!(%drone, %backend_id, message = %progress.message, "load progress");
+            c.publish_progress(backend_id, progress);
         }
-        DroneToController::Metrics { backend_id, metrics } => {
-            tracing::debug!(%drone, %backend_id, memory = metrics.memory_bytes, "backend metrics");
-        }
+        DroneToController::Metrics { backend_id, metrics } => c.record_metrics(&backend_id, drone, metrics),
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use crate::config::ControllerConfig;
 use plane_store::SharedStore;
 use plane_types::lease::estimate_remote_now;
 use plane_types::names::{BackendName, ClusterName, DroneName};
-use plane_types::protocol::{ControllerToDrone, ControllerToProxy};
+use plane_types::protocol::{BackendMetrics, ControllerToDrone, ControllerToProxy, LoadProgress};
 use plane_types::status::StatusEntry;
 use plane_types::EpochMillis;
 use std::collections::HashMap;
@@ -26,6 +26,32 @@ pub struct StatusChange {
     /// Its new entry.
     pub entry: StatusEntry,
 }
+
+/// A load-progress report, as published on the progress bus.
+#[derive(Clone, Debug)]
+pub struct ProgressChange {
+    /// The backend.
+    pub backend_id: BackendName,
+    /// How far its loading step has got.
+    pub progress: LoadProgress,
+}
+
+/// What drones last reported of a live backend, beyond its status: kept in memory only
+/// (a restarted controller learns it again from the next reports), dropped once the
+/// backend is terminated.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The latest load progress.
+    pub progress: Option<LoadProgress>,
+    /// The latest resource-use sample, with the drone that took it.
+    pub metrics: Option<(DroneName, BackendMetrics)>,
+    /// When the last report arrived (`None` for an empty record).
+    pub updated: Option<Instant>,
+}
+
+/// The most backends whose reports are kept in memory; past it, reports of backends not
+/// yet seen are dropped (a store that lost track of terminations must not grow this).
+const MAX_OBSERVED: usize = 100_000;
 
 /// A connected drone.
 struct DroneConn {
@@ -50,6 +76,8 @@ pub struct Controller {
     drones: Mutex<HashMap<DroneName, DroneConn>>,
     proxies: Mutex<HashMap<u64, ProxyConn>>,
     bus: broadcast::Sender<StatusChange>,
+    progress_bus: broadcast::Sender<ProgressChange>,
+    observed: Mutex<HashMap<BackendName, Observed>>,
     next_conn_id: AtomicU64,
     /// Cancelled when the controller stops; ends sockets and background tasks.
     pub shutdown: CancellationToken,
@@ -64,11 +92,14 @@ impl Controller {
     /// New state for `config`.
     pub fn new(config: ControllerConfig, shutdown: CancellationToken) -> Arc<Controller> {
         let (bus, _) = broadcast::channel(4096);
+        let (progress_bus, _) = broadcast::channel(1024);
         Arc::new(Controller {
             config,
             drones: Mutex::new(HashMap::new()),
             proxies: Mutex::new(HashMap::new()),
             bus,
+            progress_bus,
+            observed: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
             shutdown,
         })
@@ -84,9 +115,55 @@ impl Controller {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Publishes a status change to status streams and route waits.
+    /// Publishes a status change to status streams and route waits. A terminated
+    /// backend's progress and metrics are forgotten.
     pub fn publish(&self, backend_id: BackendName, entry: StatusEntry) {
+        if entry.status.is_terminal() {
+            lock(&self.observed).remove(&backend_id);
+        }
         let _ = self.bus.send(StatusChange { backend_id, entry });
+    }
+
+    fn observe(&self, backend_id: &BackendName, update: impl FnOnce(&mut Observed)) {
+        let mut observed = lock(&self.observed);
+        if let Some(o) = observed.get_mut(backend_id) {
+            update(o);
+            o.updated = Some(Instant::now());
+        } else if observed.len() < MAX_OBSERVED {
+            let o = observed.entry(backend_id.clone()).or_default();
+            update(o);
+            o.updated = Some(Instant::now());
+        } else {
+            tracing::warn!(%backend_id, "too many backends with reports in memory; dropping a report");
+        }
+    }
+
+    /// Records a load-progress report and publishes it to status streams that asked
+    /// for progress.
+    pub fn publish_progress(&self, backend_id: BackendName, progress: LoadProgress) {
+        self.observe(&backend_id, |o| o.progress = Some(progress.clone()));
+        let _ = self.progress_bus.send(ProgressChange { backend_id, progress });
+    }
+
+    /// Records a resource-use sample.
+    pub fn record_metrics(&self, backend_id: &BackendName, drone: &DroneName, metrics: BackendMetrics) {
+        self.observe(backend_id, |o| o.metrics = Some((drone.clone(), metrics)));
+    }
+
+    /// What drones last reported of a backend.
+    pub fn observed(&self, backend_id: &BackendName) -> Observed {
+        lock(&self.observed).get(backend_id).cloned().unwrap_or_default()
+    }
+
+    /// Forgets reports older than `max_age`: live backends report metrics far more
+    /// often, and a report that raced past its backend's termination must not stay.
+    pub fn prune_observed(&self, max_age: std::time::Duration) {
+        lock(&self.observed).retain(|_, o| o.updated.is_some_and(|t| t.elapsed() < max_age));
+    }
+
+    /// Subscribes to load-progress reports.
+    pub fn subscribe_progress(&self) -> broadcast::Receiver<ProgressChange> {
+        self.progress_bus.subscribe()
     }
 
     /// Subscribes to status changes.

@@ -20,8 +20,12 @@ pub async fn run(c: Arc<Controller>) {
     }
 }
 
+/// Reports (progress, metrics) not refreshed for this long are forgotten.
+const OBSERVED_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// One pass of the sweep.
 pub async fn sweep_once(c: &Controller) -> Result<(), plane_store::StoreError> {
+    c.prune_observed(OBSERVED_MAX_AGE);
     c.store().controller_heartbeat(&c.config.name).await?;
     for t in c.store().sweep().await? {
         tracing::info!(backend_id = %t.backend_id, reason = t.reason.as_str(), "sweeping backend");

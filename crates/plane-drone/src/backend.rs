@@ -23,7 +23,7 @@
 //! backend is then left running for the next drone to adopt).
 
 use crate::config::DroneTimings;
-use crate::runtime::{Adoption, BackendSpec, LoadProgress, Runtime, RuntimeHandle, StopSignal};
+use crate::runtime::{Adoption, BackendMetrics, BackendSpec, LoadProgress, Runtime, RuntimeHandle, StopSignal};
 use crate::state::{now_ms, BackendRecord, StateStore, StatusUpdate};
 use plane_types::lease::LeaseDeadlines;
 use plane_types::names::BackendName;
@@ -125,6 +125,13 @@ enum Interrupt {
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Load-progress reports go out at most this often per backend.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The first metrics sample of a running backend is taken at most this long after it
+/// became ready (or was re-adopted); later ones every `metrics_interval`.
+const FIRST_METRICS_AFTER: Duration = Duration::from_secs(1);
 
 /// The state machine of one backend. See the module documentation.
 pub(crate) struct BackendTask {
@@ -275,10 +282,23 @@ impl BackendTask {
         let prepare = {
             let runtime = self.runtime.clone();
             let spec = spec.clone();
+            let outgoing = self.ctx.outgoing.clone();
             async move {
                 let backend_id = spec.backend_id.clone();
+                let last_sent = std::sync::Mutex::new(None::<Instant>);
                 let progress = move |p: LoadProgress| {
                     debug!(%backend_id, message = %p.message, fraction = ?p.fraction, "loading");
+                    // At most one report per PROGRESS_INTERVAL, but always the last one.
+                    let now = Instant::now();
+                    let mut last = last_sent.lock().unwrap_or_else(|e| e.into_inner());
+                    let done = p.fraction.is_some_and(|f| f >= 1.0);
+                    if done || last.is_none_or(|t| now.duration_since(t) >= PROGRESS_INTERVAL) {
+                        *last = Some(now);
+                        let _ = outgoing.send(Outgoing::Transient(DroneToController::LoadProgress {
+                            backend_id: backend_id.clone(),
+                            progress: p,
+                        }));
+                    }
                 };
                 runtime.prepare(&spec, &progress).await
             }
@@ -441,11 +461,19 @@ impl BackendTask {
             async move { runtime.wait_exit(&handle).await }
         };
         tokio::pin!(exit);
+        let metrics_interval = self.ctx.timings.metrics_interval;
+        let mut next_metrics = Instant::now() + FIRST_METRICS_AFTER.min(metrics_interval);
+        let mut sampling: Option<BoxFuture<Option<BackendMetrics>>> = None;
         loop {
             if self.status >= BackendStatus::Terminating {
                 ready = None;
                 self.startup_deadline = None;
             }
+            // Only a running backend is sampled, one sample at a time.
+            let metrics_due = (self.status >= BackendStatus::Ready
+                && self.status < BackendStatus::HardTerminating
+                && sampling.is_none())
+            .then_some(next_metrics);
             let wake = self.lease_wakeup();
             let startup_deadline = self.startup_deadline;
             let grace_deadline = self.grace_deadline;
@@ -495,6 +523,21 @@ impl BackendTask {
                 _ = sleep_until_opt(wake) => {
                     if let Some((kind, reason)) = self.lease_tick() {
                         self.stop(&handle, kind, reason).await;
+                    }
+                }
+                _ = sleep_until_opt(metrics_due) => {
+                    let runtime = self.runtime.clone();
+                    let handle = handle.clone();
+                    sampling = Some(Box::pin(async move { runtime.metrics(&handle).await }));
+                }
+                sample = poll_opt(&mut sampling) => {
+                    sampling = None;
+                    next_metrics = Instant::now() + metrics_interval;
+                    if let Some(metrics) = sample {
+                        let _ = self.ctx.outgoing.send(Outgoing::Transient(DroneToController::Metrics {
+                            backend_id: self.id.clone(),
+                            metrics,
+                        }));
                     }
                 }
             }

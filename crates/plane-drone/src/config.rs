@@ -107,6 +107,9 @@ pub struct DockerRuntimeConfig {
     /// Stopped Plane containers of this drone are removed once they have been stopped
     /// this long.
     pub remove_stopped_after: Duration,
+    /// How often stopped containers (and, with `prune_images`, unused pulled images) are
+    /// looked for. A pass also runs when the runtime starts.
+    pub cleanup_interval: Duration,
     /// Whether images this drone pulled (and only those) are removed once no container
     /// of this drone uses them.
     pub prune_images: bool,
@@ -114,7 +117,8 @@ pub struct DockerRuntimeConfig {
 
 impl Default for DockerRuntimeConfig {
     /// The engine's defaults, hardened: pids limit 1024, read-write root, host ports on
-    /// loopback, stopped containers removed after 10 minutes, no image pruning.
+    /// loopback, stopped containers removed after 10 minutes (looked for every 30 s), no
+    /// image pruning.
     fn default() -> Self {
         DockerRuntimeConfig {
             docker_host: None,
@@ -128,6 +132,7 @@ impl Default for DockerRuntimeConfig {
             host_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             network: None,
             remove_stopped_after: Duration::from_secs(600),
+            cleanup_interval: Duration::from_secs(30),
             prune_images: false,
         }
     }

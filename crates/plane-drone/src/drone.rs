@@ -1,5 +1,6 @@
 //! The set of backends a drone owns: turns controller messages into backend tasks and
-//! commands, and resumes the backends recorded by an earlier run.
+//! commands, resumes the backends recorded by an earlier run, and has each runtime stop
+//! what it runs under this drone's identity that no record accounts for.
 //!
 //! Messages are handled one at a time, in arrival order, by the connection task, so a
 //! duplicate `Spawn` always finds the record of the first one.
@@ -25,6 +26,8 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// The backends of one drone run.
 pub(crate) struct Drone {
     runtimes: Vec<Arc<dyn Runtime>>,
+    /// Runtimes that resume and stop recorded backends but take no new ones.
+    hidden: Vec<RuntimeKind>,
     ctx: BackendContext,
     backends: HashMap<BackendName, mpsc::UnboundedSender<BackendCommand>>,
     tasks: JoinSet<()>,
@@ -36,6 +39,7 @@ impl Drone {
     pub(crate) fn new(runtimes: Vec<Arc<dyn Runtime>>, ctx: BackendContext, cancel: CancellationToken) -> Drone {
         Drone {
             runtimes,
+            hidden: Vec::new(),
             ctx,
             backends: HashMap::new(),
             tasks: JoinSet::new(),
@@ -43,17 +47,27 @@ impl Drone {
         }
     }
 
+    /// Stops offering the runtime of `kind` (it still resumes recorded backends).
+    pub(crate) fn hide(&mut self, kind: RuntimeKind) {
+        self.hidden.push(kind);
+    }
+
     /// The runtimes offered to the controller.
     pub(crate) fn runtime_kinds(&self) -> Vec<RuntimeKind> {
-        self.runtimes.iter().map(|r| r.kind()).collect()
+        self.runtimes
+            .iter()
+            .map(|r| r.kind())
+            .filter(|k| !self.hidden.contains(k))
+            .collect()
     }
 
     fn runtime_for(&self, kind: RuntimeKind) -> Option<Arc<dyn Runtime>> {
         self.runtimes.iter().find(|r| r.kind() == kind).cloned()
     }
 
-    /// Resumes every backend the state store holds that is not terminated. Returns how
-    /// many there were.
+    /// Resumes every backend the state store holds that is not terminated, then lets
+    /// each runtime stop what it runs for this drone that the store has no record of.
+    /// Returns how many backends were resumed.
     pub(crate) async fn recover(&mut self) -> Result<usize, StateError> {
         let records = self.ctx.store.live_backends().await?;
         let count = records.len();
@@ -77,6 +91,12 @@ impl Drone {
         }
         if count > 0 {
             info!(count, "resumed backends recorded by an earlier run");
+        }
+        let known = self.ctx.store.backend_ids().await?;
+        for runtime in &self.runtimes {
+            if let Err(err) = runtime.reconcile(&known).await {
+                warn!(runtime = %runtime.kind(), %err, "could not look for backends the state store does not know");
+            }
         }
         Ok(count)
     }
@@ -145,7 +165,7 @@ impl Drone {
         }
         let kind = spawn.executable.runtime_kind();
         info!(%backend_id, runtime = %kind, "spawning a backend");
-        match self.runtime_for(kind) {
+        match self.runtime_for(kind).filter(|_| !self.hidden.contains(&kind)) {
             Some(runtime) => self.launch(Start::Fresh(spawn), runtime),
             None => {
                 let mut update = StatusUpdate::new(BackendStatus::Terminated);

@@ -7,18 +7,22 @@
 //! the backends still running instead of killing them.
 //!
 //! Layout:
-//! * [`config`]: [`DroneConfig`], [`ProcessRuntimeConfig`], [`DroneTimings`].
-//! * [`state`]: the SQLite state store — drone name, backend records, event outbox.
+//! * [`config`]: [`DroneConfig`], [`ProcessRuntimeConfig`], [`DockerRuntimeConfig`],
+//!   [`DroneTimings`].
+//! * [`state`]: the SQLite state store — drone name, backend records, event outbox, the
+//!   images the drone pulled.
 //! * `connection`: the WebSocket loop — handshake, heartbeats, outbox re-sends, backoff.
 //! * `drone`: routes controller messages to backend tasks; resumes recorded backends.
 //! * `backend`: the per-backend state machine (one task per backend).
-//! * [`runtime`]: the runtime-neutral [`Runtime`] trait and the process runtime.
+//! * [`runtime`]: the runtime-neutral [`Runtime`] trait, the process runtime and the
+//!   Docker runtime ([`DockerRuntime`]).
 //!
 //! **Architecture invariant:** every status change is in the state store's outbox before
 //! it is sent, and is re-sent (after reconnects and restarts too) until acked.
 //!
 //! **Architecture invariant:** the state machine (`backend`) knows runtimes only through
-//! [`Runtime`]; nothing outside `runtime::process` knows about pids.
+//! [`Runtime`]; nothing outside `runtime::process` knows about pids, nothing outside
+//! `runtime::docker` about containers.
 //!
 //! **Architecture invariant:** stopping the drone never stops its backends.
 
@@ -35,15 +39,20 @@ mod test_util;
 #[cfg(test)]
 mod tests;
 
-pub use config::{DroneConfig, DroneTimings, ProcessRuntimeConfig};
+pub use config::{DockerAddressMode, DockerRuntimeConfig, DroneConfig, DroneTimings, ProcessRuntimeConfig};
+pub use runtime::docker::{
+    docker_reachable, engine_address, DockerHandle, DockerRuntime, CONTAINER_PORT, LABEL_BACKEND, LABEL_DRONE,
+    LABEL_MANAGED,
+};
 pub use runtime::process::{ProcessHandle, ProcessRuntime};
 pub use runtime::{
     Adoption, BackendSpec, ExitInfo, LoadProgress, Runtime, RuntimeError, RuntimeHandle, StartedBackend, StopSignal,
 };
-pub use state::{StateError, StateStore};
+pub use state::{PulledImage, StateError, StateStore};
 
 use anyhow::Context;
 use backend::BackendContext;
+use plane_types::executable::RuntimeKind;
 use plane_types::names::DroneName;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,12 +65,14 @@ const KEEP_TERMINATED: Duration = Duration::from_secs(3600);
 
 /// Runs a drone until `shutdown` is cancelled.
 ///
+/// The drone offers the process runtime if `config.process.allow_commands` allows
+/// anything, and the Docker runtime if `config.docker` is set (the engine must answer).
 /// On shutdown it stops talking to the controller and returns, leaving running backends
 /// alone: the next run with the same `db_path` re-adopts them. Fails only on setup
 /// errors that retrying cannot fix — the state database cannot be opened, the
-/// controller URL or an allow pattern is invalid, or the controller rejects the
-/// handshake (e.g. a protocol version mismatch). Connection failures are retried
-/// forever with backoff.
+/// controller URL or an allow pattern is invalid, the Docker engine is unreachable, or
+/// the controller rejects the handshake (e.g. a protocol version mismatch). Connection
+/// failures are retried forever with backoff.
 pub async fn run(config: DroneConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let url = connection::socket_url(&config.controller_url)?;
     if url.starts_with("wss://") {
@@ -107,15 +118,29 @@ async fn run_with_store(
             warn!(%err, "could not prune old backend records");
         }
         let tasks = shutdown.child_token();
+        // The process runtime always exists, to resume or stop recorded process backends;
+        // it is offered only if it may run something.
         let process = ProcessRuntime::new(config.process.clone(), tasks.child_token())
             .context("configuring the process runtime")?;
+        let mut runtimes: Vec<Arc<dyn Runtime>> = vec![Arc::new(process)];
+        if let Some(docker) = &config.docker {
+            let address = engine_address(docker);
+            let store = Some(store.clone());
+            let runtime = DockerRuntime::connect(docker.clone(), name.clone(), store, tasks.child_token())
+                .await
+                .with_context(|| format!("setting up the Docker runtime (engine at {address})"))?;
+            runtimes.push(Arc::new(runtime));
+        }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let ctx = BackendContext {
             store: store.clone(),
             outgoing: tx,
             timings: config.timings,
         };
-        let mut drone = drone::Drone::new(vec![Arc::new(process) as Arc<dyn Runtime>], ctx, tasks.clone());
+        let mut drone = drone::Drone::new(runtimes, ctx, tasks.clone());
+        if config.process.allow_commands.is_empty() {
+            drone.hide(RuntimeKind::Process);
+        }
         drone
             .recover()
             .await

@@ -1,5 +1,5 @@
-//! The drone's SQLite state store: its name, the backends it owns and the outbox of
-//! state events.
+//! The drone's SQLite state store: its name, the backends it owns, the outbox of state
+//! events, and the Docker images the drone pulled itself (the only ones it may prune).
 //!
 //! **Architecture invariant:** a status change is recorded here — the outbox row and the
 //! backend's new status, in one transaction — before the event is sent to the
@@ -19,6 +19,7 @@ use plane_types::EpochMillis;
 use serde::de::DeserializeOwned;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::str::FromStr;
@@ -103,6 +104,19 @@ pub struct BackendRecord {
     pub termination_reason: Option<TerminationReason>,
     /// How it terminates, once known.
     pub termination_kind: Option<TerminationKind>,
+}
+
+/// An image the Docker runtime pulled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PulledImage {
+    /// The reference as pulled, e.g. `registry/name:tag`.
+    pub image: String,
+    /// The engine's id of the pulled image (`sha256:…`).
+    pub image_id: String,
+    /// When it was pulled (drone clock, ms).
+    pub pulled_at: EpochMillis,
+    /// When a backend was last prepared with it (drone clock, ms).
+    pub last_used_at: EpochMillis,
 }
 
 /// A handle on the state database; cheap to clone.
@@ -319,6 +333,78 @@ impl StateStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().filter_map(decode_backend).collect())
+    }
+
+    /// The ids of every backend with a record, terminated ones included.
+    pub async fn backend_ids(&self) -> Result<HashSet<BackendName>, StateError> {
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT backend_id FROM backends")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id,)| match BackendName::from_str(&id) {
+                Ok(b) => Some(b),
+                Err(err) => {
+                    error!(backend_id = %id, %err, "invalid backend id in the state store; skipping the record");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Records that the drone pulled `image` (now `image_id`), and uses it now.
+    pub async fn record_pulled_image(&self, image: &str, image_id: &str) -> Result<(), StateError> {
+        let now = now_db();
+        sqlx::query(
+            "INSERT INTO docker_images (image, image_id, pulled_at, last_used_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT(image) DO UPDATE SET image_id = excluded.image_id, pulled_at = excluded.pulled_at,
+                                              last_used_at = excluded.last_used_at",
+        )
+        .bind(image)
+        .bind(image_id)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Notes that a backend uses `image` now, if the drone pulled it (else nothing).
+    pub async fn touch_pulled_image(&self, image: &str) -> Result<(), StateError> {
+        sqlx::query("UPDATE docker_images SET last_used_at = ? WHERE image = ?")
+            .bind(now_db())
+            .bind(image)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every image the drone pulled and has not forgotten.
+    pub async fn pulled_images(&self) -> Result<Vec<PulledImage>, StateError> {
+        let rows: Vec<(String, String, i64, i64)> =
+            sqlx::query_as("SELECT image, image_id, pulled_at, last_used_at FROM docker_images ORDER BY image")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(image, image_id, pulled_at, last_used_at)| PulledImage {
+                image,
+                image_id,
+                pulled_at: u64::try_from(pulled_at).unwrap_or(0),
+                last_used_at: u64::try_from(last_used_at).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// Forgets a pulled image (it was removed, or is no longer the drone's). Only the
+    /// record with this `image_id` is removed, so a concurrent re-pull is kept.
+    pub async fn forget_pulled_image(&self, image: &str, image_id: &str) -> Result<(), StateError> {
+        sqlx::query("DELETE FROM docker_images WHERE image = ? AND image_id = ?")
+            .bind(image)
+            .bind(image_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Stores how the runtime finds a started backend.
@@ -575,6 +661,45 @@ mod tests {
         }
         assert_eq!(store.prune_terminated(u64::MAX).await.unwrap(), 1);
         assert_eq!(store.backend(&lost).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn pulled_images_and_backend_ids() {
+        let dir = TempDir::new("state-images");
+        let store = StateStore::open(&dir.path().join("drone.db")).await.unwrap();
+        assert!(store.pulled_images().await.unwrap().is_empty());
+        store.record_pulled_image("reg/a:1", "sha256:aa").await.unwrap();
+        store.record_pulled_image("reg/b:1", "sha256:bb").await.unwrap();
+        // Touching an image the drone did not pull records nothing.
+        store.touch_pulled_image("reg/other:1").await.unwrap();
+        store.touch_pulled_image("reg/a:1").await.unwrap();
+        let images = store.pulled_images().await.unwrap();
+        assert_eq!(
+            images
+                .iter()
+                .map(|i| (i.image.as_str(), i.image_id.as_str()))
+                .collect::<Vec<_>>(),
+            vec![("reg/a:1", "sha256:aa"), ("reg/b:1", "sha256:bb")]
+        );
+        assert!(images[0].last_used_at >= images[0].pulled_at);
+        // A re-pull replaces the id; forgetting the old id then keeps the new record.
+        store.record_pulled_image("reg/a:1", "sha256:a2").await.unwrap();
+        store.forget_pulled_image("reg/a:1", "sha256:aa").await.unwrap();
+        store.forget_pulled_image("reg/b:1", "sha256:bb").await.unwrap();
+        let images = store.pulled_images().await.unwrap();
+        assert_eq!(images.len(), 1);
+        assert_eq!(images[0].image_id, "sha256:a2");
+
+        assert!(store.backend_ids().await.unwrap().is_empty());
+        store
+            .insert_backend(&spawn_action("b1", &["sleep", "1"], crate::test_util::far_deadlines()))
+            .await
+            .unwrap();
+        let mut update = StatusUpdate::new(BackendStatus::Terminated);
+        update.termination_reason = Some(TerminationReason::Lost);
+        store.record_event(&"b2".parse().unwrap(), &update).await.unwrap();
+        let ids = store.backend_ids().await.unwrap();
+        assert_eq!(ids, HashSet::from(["b1".parse().unwrap(), "b2".parse().unwrap()]));
     }
 
     #[tokio::test]

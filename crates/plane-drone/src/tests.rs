@@ -144,7 +144,9 @@ async fn open_store(dir: &TempDir) -> StateStore {
 }
 
 fn pid_of(handle: &RuntimeHandle) -> u32 {
-    let RuntimeHandle::Process(p) = handle;
+    let RuntimeHandle::Process(p) = handle else {
+        panic!("not a process handle: {handle:?}")
+    };
     p.pid
 }
 

@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use plane_client::PlaneClient;
 use plane_controller::{ControllerConfig, ControllerTimings};
+use plane_drone::config::DockerRuntimeConfig;
 use plane_drone::{DroneConfig, DroneTimings, ProcessRuntimeConfig};
 use plane_proxy::ProxyConfig;
 use plane_store::sqlite::SqliteStore;
@@ -52,6 +53,8 @@ pub struct Options {
     pub route_wait: Duration,
     /// Proxy keepalive interval.
     pub keepalive_interval: Duration,
+    /// The drone's Docker runtime, if it should offer one.
+    pub docker: Option<DockerRuntimeConfig>,
 }
 
 impl Options {
@@ -67,6 +70,7 @@ impl Options {
             startup_timeout: Duration::from_secs(10),
             route_wait: Duration::from_secs(10),
             keepalive_interval: Duration::from_millis(100),
+            docker: None,
         }
     }
 }
@@ -212,7 +216,7 @@ impl TestCluster {
                 log_dir: self.dir.path().join("logs"),
                 bind_host: [127, 0, 0, 1].into(),
             },
-            docker: None,
+            docker: self.options.docker.clone(),
             timings: DroneTimings {
                 heartbeat_interval: self.options.heartbeat_interval,
                 soft_terminate_grace: self.options.soft_terminate_grace,
@@ -298,6 +302,11 @@ impl TestCluster {
 
     /// A connect request for `key` running `command` (program and arguments).
     pub fn spawn_request(&self, key: &str, command: &[&str]) -> ConnectRequest {
+        self.executable_request(key, serde_json::json!({ "command": command }))
+    }
+
+    /// A connect request for `key` with this executable JSON (process or Docker).
+    pub fn executable_request(&self, key: &str, executable: serde_json::Value) -> ConnectRequest {
         ConnectRequest {
             key: Some(KeyConfig {
                 name: key.into(),
@@ -308,7 +317,7 @@ impl TestCluster {
                 id: None,
                 cluster: None,
                 pool: None,
-                executable: serde_json::json!({ "command": command }),
+                executable,
                 lifetime_limit_seconds: None,
                 max_idle_seconds: None,
                 use_static_token: false,

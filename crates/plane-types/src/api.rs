@@ -274,8 +274,27 @@ pub struct DroneState {
     pub last_heartbeat_age: Option<f64>,
     /// How many non-terminated backends the drone runs.
     pub backend_count: u64,
+    /// The runtimes the drone offers (an extension of ours).
+    #[serde(default)]
+    pub runtimes: Vec<crate::executable::RuntimeKind>,
     /// The node record.
     pub node: NodeState,
+}
+
+/// The answer to `GET /ctrl/b/:backend/metrics` (an extension of ours).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendMetricsResponse {
+    /// The backend.
+    pub backend_id: BackendName,
+    /// The drone it runs on.
+    pub drone: DroneName,
+    /// Its current status.
+    pub status: BackendStatus,
+    /// The latest sample, if the drone has sent one since this controller started
+    /// (the process runtime samples `/proc`, the Docker runtime Docker's stats).
+    pub metrics: Option<crate::protocol::BackendMetrics>,
+    /// The latest load progress, while it is relevant (until the backend runs).
+    pub progress: Option<crate::protocol::LoadProgress>,
 }
 
 /// The answer to `GET /ctrl/c/:cluster/state`.

@@ -217,7 +217,9 @@ impl DockerExecutable {
         for (field, args) in [("command", &self.command), ("entrypoint", &self.entrypoint)] {
             if let Some(args) = args {
                 if args.is_empty() {
-                    return Err(format!("`{field}` must not be an empty list (leave it out to keep the image's)"));
+                    return Err(format!(
+                        "`{field}` must not be an empty list (leave it out to keep the image's)"
+                    ));
                 }
                 if args.iter().any(|a| a.contains('\0')) {
                     return Err(format!("`{field}` contains a NUL byte"));

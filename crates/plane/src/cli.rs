@@ -1,19 +1,20 @@
 //! The command line of the `plane` binary: flags (clap derive) and the client commands.
 //!
 //! Server roles (`controller`, `drone`, `proxy`, `dev`) are dispatched to `roles`; the
-//! demo backend to `demo`. Client commands (`connect`, `status`, `terminate`, `drain`,
+//! demo backend to `plane_demo`. Client commands (`connect`, `status`, `terminate`, `drain`,
 //! `cluster-state`, `revoke`) talk to a controller through `plane_client` and are
 //! implemented here. Results go to stdout, errors are returned to `main`.
 
-use crate::{demo, roles};
+use crate::roles;
 use anyhow::{bail, Context as _};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use futures_util::StreamExt;
-use plane_client::{ClientError, PlaneClient};
+use plane_client::{ClientError, PlaneClient, StreamItem};
 use plane_types::api::{
     ClusterState, ConnectRequest, ConnectResponse, KeyConfig, NodeName, RevokeRequest, SpawnConfig,
 };
 use plane_types::names::{BackendName, ClusterName, DroneName};
+use plane_types::protocol::LoadProgress;
 use plane_types::status::{BackendStatus, StatusEntry};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -56,7 +57,7 @@ enum Command {
     /// Run a controller: the HTTP API, and the hub drones and proxies connect to.
     Controller(roles::ControllerArgs),
     /// Run a drone: the agent that runs backends on this machine.
-    Drone(roles::DroneArgs),
+    Drone(Box<roles::DroneArgs>),
     /// Run a proxy: routes client traffic to backends.
     Proxy(roles::ProxyArgs),
     /// Run a controller, a drone and a proxy in one process, for development.
@@ -122,7 +123,7 @@ impl ClientOpts {
 
 /// Flags of `plane connect`.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("executable").args(["command", "image"])))]
+#[command(group(ArgGroup::new("executable").args(["command", "image", "executable_json"])))]
 struct ConnectArgs {
     #[command(flatten)]
     client: ClientOpts,
@@ -143,6 +144,13 @@ struct ConnectArgs {
     /// Run a Docker backend from this image.
     #[arg(long, value_name = "IMAGE")]
     image: Option<String>,
+    /// When to pull the image: `IfNotPresent` (default), `Always` or `Never`.
+    #[arg(long, value_name = "POLICY", requires = "image", value_parser = ["IfNotPresent", "Always", "Never"])]
+    pull_policy: Option<String>,
+    /// Run a backend from this executable JSON (the whole `spawn_config.executable`,
+    /// e.g. with `resource_limits` or `mount`).
+    #[arg(long = "executable", value_name = "JSON", value_parser = parse_json, conflicts_with = "env")]
+    executable_json: Option<serde_json::Value>,
     /// An environment variable for the backend (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env_var, requires = "executable")]
     env: Vec<(String, String)>,
@@ -270,10 +278,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Controller(args) => roles::run_controller(args).await,
-        Command::Drone(args) => roles::run_drone(args).await,
+        Command::Drone(args) => roles::run_drone(*args).await,
         Command::Proxy(args) => roles::run_proxy(args).await,
         Command::Dev(args) => roles::run_dev(args).await,
-        Command::DemoBackend => demo::run().await,
+        Command::DemoBackend => plane_demo::run().await,
         Command::Connect(args) => connect(&args.client.client(global)?, &args).await,
         Command::Status(args) => status(&args.client.client(global)?, &args).await,
         Command::Terminate(args) => {
@@ -336,6 +344,7 @@ impl ConnectArgs {
         };
         let env: BTreeMap<String, String> = self.env.iter().cloned().collect();
         let executable = match (&self.command, &self.image) {
+            _ if self.executable_json.is_some() => self.executable_json.clone(),
             (Some(line), _) => {
                 let words = shlex::split(line)
                     .with_context(|| format!("cannot split `{line}` into words: unbalanced quotes"))?;
@@ -355,6 +364,9 @@ impl ConnectArgs {
                 let mut exe = json!({ "image": image });
                 if !env.is_empty() {
                     exe["env"] = json!(env);
+                }
+                if let Some(policy) = &self.pull_policy {
+                    exe["pull_policy"] = json!(policy);
                 }
                 Some(exe)
             }
@@ -412,7 +424,10 @@ async fn connect(client: &PlaneClient, args: &ConnectArgs) -> anyhow::Result<()>
         }
         return Ok(());
     }
-    let last = follow_status(client, &response.backend_id, |entry| {
+    let bar = std::cell::RefCell::new(ProgressBar::new(args.json));
+    let mut on_progress = |p: &LoadProgress| bar.borrow_mut().show(p);
+    let last = follow_status(client, &response.backend_id, Some(&mut on_progress), |entry| {
+        bar.borrow_mut().clear();
         progress(format!(
             "{:>7} ms  {}",
             started.elapsed().as_millis(),
@@ -462,7 +477,10 @@ async fn status(client: &PlaneClient, args: &StatusArgs) -> anyhow::Result<()> {
     if !args.follow {
         return print(&client.status(&args.backend).await?);
     }
-    follow_status(client, &args.backend, |entry| print(entry).map(ControlFlow::Continue)).await?;
+    follow_status(client, &args.backend, None, |entry| {
+        print(entry).map(ControlFlow::Continue)
+    })
+    .await?;
     Ok(())
 }
 
@@ -472,12 +490,14 @@ async fn status(client: &PlaneClient, args: &StatusArgs) -> anyhow::Result<()> {
 async fn follow_status(
     client: &PlaneClient,
     backend: &BackendName,
+    mut on_progress: Option<&mut dyn FnMut(&LoadProgress)>,
     mut on_entry: impl FnMut(&StatusEntry) -> anyhow::Result<ControlFlow<()>>,
 ) -> anyhow::Result<StatusEntry> {
     let mut last: Option<StatusEntry> = None;
     let mut failures = 0;
     loop {
-        let failure = match client.status_stream(backend, last.as_ref().map(|e| e.status)).await {
+        let last_status = last.as_ref().map(|e| e.status);
+        let failure = match client.status_stream_with_progress(backend, last_status).await {
             Err(err) => anyhow::Error::from(err),
             Ok(mut stream) => loop {
                 match stream.next().await {
@@ -486,7 +506,12 @@ async fn follow_status(
                         tracing::warn!(%backend, %msg, "skipping a bad status event")
                     }
                     Some(Err(err)) => break Some(err),
-                    Some(Ok(entry)) => {
+                    Some(Ok(StreamItem::Progress(p))) => {
+                        if let Some(f) = on_progress.as_mut() {
+                            f(&p);
+                        }
+                    }
+                    Some(Ok(StreamItem::Status(entry))) => {
                         if last.as_ref().is_some_and(|l| entry.status <= l.status) {
                             continue; // Already seen (statuses only move forward).
                         }
@@ -516,6 +541,74 @@ async fn follow_status(
     }
 }
 
+/// The loading progress of `plane connect`, on stderr: one line redrawn in place on a
+/// terminal, else a line per report. Nothing in `--json` mode.
+struct ProgressBar {
+    enabled: bool,
+    tty: bool,
+    drawn: bool,
+}
+
+impl ProgressBar {
+    fn new(json: bool) -> ProgressBar {
+        use std::io::IsTerminal;
+        ProgressBar {
+            enabled: !json,
+            tty: std::io::stderr().is_terminal(),
+            drawn: false,
+        }
+    }
+
+    fn show(&mut self, p: &LoadProgress) {
+        if !self.enabled {
+            return;
+        }
+        let line = progress_line(p);
+        if self.tty {
+            eprint!("\r\x1b[2K{line}");
+            self.drawn = true;
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn clear(&mut self) {
+        if self.drawn {
+            eprint!("\r\x1b[2K");
+            self.drawn = false;
+        }
+    }
+}
+
+/// `loading [##########----------]  50%  12.5/25.0 MB  pulling 3 of 7 layers`.
+fn progress_line(p: &LoadProgress) -> String {
+    const WIDTH: usize = 20;
+    let fraction = p.fraction.or_else(|| match (p.bytes_done, p.bytes_total) {
+        (Some(done), Some(total)) if total > 0 => Some(done as f32 / total as f32),
+        _ => None,
+    });
+    let mut line = String::from("loading ");
+    if let Some(f) = fraction {
+        let f = f.clamp(0.0, 1.0);
+        let filled = (f * WIDTH as f32).round() as usize;
+        let _ = write!(
+            line,
+            "[{}{}] {:>3.0}%",
+            "#".repeat(filled),
+            "-".repeat(WIDTH - filled),
+            f * 100.0
+        );
+    }
+    if let (Some(done), Some(total)) = (p.bytes_done, p.bytes_total) {
+        let mb = |b: u64| b as f64 / 1_000_000.0;
+        let _ = write!(line, "  {:.1}/{:.1} MB", mb(done), mb(total));
+    }
+    if !p.message.is_empty() {
+        let _ = write!(line, "  {}", p.message);
+    }
+    line.trim_end().to_owned()
+}
+
 /// `ready`, or `terminated (reason swept, soft, exit error)`.
 fn describe_entry(entry: &StatusEntry) -> String {
     let mut details = Vec::new();
@@ -530,11 +623,15 @@ fn describe_entry(entry: &StatusEntry) -> String {
         Some(false) => details.push("exited cleanly".to_owned()),
         None => {}
     }
-    if details.is_empty() {
+    let mut text = if details.is_empty() {
         entry.status.to_string()
     } else {
         format!("{} ({})", entry.status, details.join(", "))
+    };
+    if let Some(message) = &entry.message {
+        let _ = write!(text, ": {message}");
     }
+    text
 }
 
 /// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS.mmm UTC`.
@@ -587,6 +684,11 @@ fn cluster_tables(state: &ClusterState) -> String {
                 yes_no(d.ready).to_owned(),
                 yes_no(d.draining).to_owned(),
                 d.backend_count.to_string(),
+                if d.runtimes.is_empty() {
+                    "-".to_owned()
+                } else {
+                    d.runtimes.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")
+                },
                 age(d.last_heartbeat_age),
                 d.node.plane_version.clone(),
                 d.node.controller.as_ref().map_or("-", |c| c.as_str()).to_owned(),
@@ -599,6 +701,7 @@ fn cluster_tables(state: &ClusterState) -> String {
             "READY",
             "DRAINING",
             "BACKENDS",
+            "RUNTIMES",
             "HEARTBEAT",
             "VERSION",
             "CONTROLLER",
@@ -657,6 +760,7 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
     use plane_types::api::{DroneState, NodeState};
+    use plane_types::executable::RuntimeKind;
     use plane_types::status::{TerminationKind, TerminationReason};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -738,6 +842,30 @@ mod tests {
         assert!(spawn.use_static_token);
         assert_eq!(spawn.subdomain.as_deref(), Some("app"));
         assert_eq!(spawn.lifetime_limit_seconds, Some(60));
+    }
+
+    #[test]
+    fn connect_with_a_pull_policy_or_a_whole_executable() {
+        let req = connect_request(&["--image", "x:1", "--pull-policy", "Never"]).unwrap();
+        assert_eq!(
+            req.spawn_config.unwrap().executable,
+            json!({"image": "x:1", "pull_policy": "Never"})
+        );
+        let req = connect_request(&["--executable", r#"{"image": "x:1", "mount": true}"#]).unwrap();
+        assert_eq!(
+            req.spawn_config.unwrap().executable,
+            json!({"image": "x:1", "mount": true})
+        );
+        for bad in [
+            &["--image", "x", "--pull-policy", "Sometimes"][..],
+            &["--pull-policy", "Never"],
+            &["--executable", "{}", "--image", "x"],
+        ] {
+            let err = connect_request(bad).expect_err(&format!("{bad:?} should fail"));
+            assert!(err.to_string().contains("error:"), "{bad:?} fails in clap: {err}");
+        }
+        let err = connect_request(&["--executable", r#"{"image": "x", "mount": "../up"}"#]).unwrap_err();
+        assert!(err.to_string().contains("mount"), "{err}");
     }
 
     #[test]
@@ -842,6 +970,20 @@ mod tests {
     }
 
     #[test]
+    fn progress_lines() {
+        let mut p = LoadProgress::message("pulling 3 of 7 layers");
+        assert_eq!(progress_line(&p), "loading   pulling 3 of 7 layers");
+        p.bytes_done = Some(12_500_000);
+        p.bytes_total = Some(25_000_000);
+        assert_eq!(
+            progress_line(&p),
+            "loading [##########----------]  50%  12.5/25.0 MB  pulling 3 of 7 layers"
+        );
+        p.fraction = Some(1.5);
+        assert!(progress_line(&p).starts_with("loading [####################] 100%"));
+    }
+
+    #[test]
     fn entries_are_described() {
         let mut e = StatusEntry {
             status: BackendStatus::Ready,
@@ -882,6 +1024,7 @@ mod tests {
                 draining: false,
                 last_heartbeat_age: Some(1.0),
                 backend_count: 3,
+                runtimes: vec![RuntimeKind::Docker, RuntimeKind::Process],
                 node: node(NodeName::Drone("dr-abc".parse().unwrap())),
             }],
             proxies: vec![],
@@ -889,8 +1032,8 @@ mod tests {
         let text = cluster_tables(&state);
         assert_eq!(
             text,
-            "DRONE   READY  DRAINING  BACKENDS  HEARTBEAT  VERSION  CONTROLLER\n\
-             dr-abc  yes    no        3         1.0s       0.1.0    co-1\n\
+            "DRONE   READY  DRAINING  BACKENDS  RUNTIMES        HEARTBEAT  VERSION  CONTROLLER\n\
+             dr-abc  yes    no        3         docker,process  1.0s       0.1.0    co-1\n\
              \n\
              PROXY  VERSION  CONTROLLER  CONTROLLER HEARTBEAT\n\
              (none)\n"

@@ -6,10 +6,9 @@
 //!
 //! * `cli`: the flags and the client commands (`connect`, `status`, …).
 //! * `roles`: the server roles (`controller`, `drone`, `proxy`, `dev`).
-//! * `demo`: the bundled demo backend (`demo-backend`).
+//! * `plane_demo` (its own crate): the bundled demo backend (`demo-backend`).
 
 mod cli;
-mod demo;
 mod roles;
 
 use clap::Parser as _;

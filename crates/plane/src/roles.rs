@@ -2,12 +2,14 @@
 //!
 //! Each role parses its flags into its component's config struct, binds its listener
 //! and runs until Ctrl-C/SIGTERM. `dev` runs all three in one process on an embedded
-//! SQLite store with the process runtime.
+//! SQLite store, with the process runtime and, when a Docker engine answers, the Docker
+//! runtime (executables with an `image` then run as containers).
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use plane_client::PlaneClient;
 use plane_controller::ControllerConfig;
+use plane_drone::config::{DockerAddressMode, DockerRuntimeConfig};
 use plane_drone::{DroneConfig, DroneTimings, ProcessRuntimeConfig};
 use plane_proxy::ProxyConfig;
 use plane_store::sqlite::SqliteStore;
@@ -43,10 +45,91 @@ pub struct ControllerArgs {
 }
 
 /// Which runtime a drone uses.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RuntimeChoice {
     /// Backends are child processes of the drone.
     Process,
+    /// Backends are Docker containers.
+    Docker,
+}
+
+/// How a container's address is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AddressChoice {
+    /// Port 8080 published on `--backend-host`; the address is that host and port.
+    HostPort,
+    /// The container's IP on its Docker network, port 8080.
+    ContainerIp,
+}
+
+/// Flags of the Docker runtime (`plane drone --runtime docker`).
+#[derive(Debug, Args)]
+pub struct DockerArgs {
+    /// The Docker engine (`unix:///var/run/docker.sock`, `tcp://host:2375`; default:
+    /// `DOCKER_HOST`, else the local socket).
+    #[arg(long)]
+    docker_host: Option<String>,
+    /// The OCI runtime containers run under, e.g. `runsc` for gVisor.
+    #[arg(long)]
+    docker_runtime: Option<String>,
+    /// The containers' log driver (default: the engine's).
+    #[arg(long)]
+    docker_log_driver: Option<String>,
+    /// A log-driver option, `key=value` (repeat the flag).
+    #[arg(long = "docker-log-opt", value_parser = parse_key_value)]
+    docker_log_opts: Vec<(String, String)>,
+    /// Where `mount` directories live on the host; executables with a mount are refused
+    /// without it.
+    #[arg(long)]
+    mount_base: Option<PathBuf>,
+    /// The most processes and threads a container may have.
+    #[arg(long, default_value_t = 1024)]
+    docker_pids_limit: i64,
+    /// Give containers a read-only root filesystem (with a writable /tmp).
+    #[arg(long)]
+    docker_read_only_rootfs: bool,
+    /// The Docker network containers join when the executable names none.
+    #[arg(long)]
+    docker_network: Option<String>,
+    /// How a container's address is found.
+    #[arg(long, value_enum, default_value = "host-port")]
+    docker_address: AddressChoice,
+    /// Seconds after which stopped Plane containers of this drone are removed.
+    #[arg(long, default_value_t = 600)]
+    docker_remove_stopped_after_seconds: u64,
+    /// Remove images this drone pulled once no container of it uses them.
+    #[arg(long)]
+    docker_prune_images: bool,
+}
+
+impl DockerArgs {
+    fn config(&self, host_ip: IpAddr) -> DockerRuntimeConfig {
+        DockerRuntimeConfig {
+            docker_host: self.docker_host.clone(),
+            oci_runtime: self.docker_runtime.clone(),
+            log_driver: self.docker_log_driver.clone(),
+            log_options: self.docker_log_opts.iter().cloned().collect(),
+            mount_base: self.mount_base.clone(),
+            pids_limit: self.docker_pids_limit,
+            read_only_rootfs: self.docker_read_only_rootfs,
+            address_mode: match self.docker_address {
+                AddressChoice::HostPort => DockerAddressMode::HostPort,
+                AddressChoice::ContainerIp => DockerAddressMode::ContainerIp,
+            },
+            host_ip,
+            network: self.docker_network.clone(),
+            remove_stopped_after: Duration::from_secs(self.docker_remove_stopped_after_seconds),
+            prune_images: self.docker_prune_images,
+            ..DockerRuntimeConfig::default()
+        }
+    }
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
 }
 
 /// Flags of `plane drone`.
@@ -67,16 +150,17 @@ pub struct DroneArgs {
     /// The drone's name (default: the one in its state store, or a new random one).
     #[arg(long)]
     name: Option<DroneName>,
-    /// The runtime that runs backends.
-    #[arg(long, value_enum, default_value = "process")]
-    runtime: RuntimeChoice,
+    /// The runtimes that run backends (repeat the flag to offer several).
+    #[arg(long = "runtime", value_enum, default_values = ["process"])]
+    runtimes: Vec<RuntimeChoice>,
     /// Programs the process runtime may run (glob patterns; repeat the flag).
     #[arg(long = "allow-command")]
     allow_commands: Vec<String>,
     /// Where backend logs go (default: `logs` next to the state store).
     #[arg(long)]
     log_dir: Option<PathBuf>,
-    /// Address backends listen on and are reached at.
+    /// The drone's IP: process backends listen on it, Docker publishes container ports
+    /// on it, and backends are reached at it.
     #[arg(long, default_value = "127.0.0.1")]
     backend_host: IpAddr,
     /// Seconds between SIGTERM and SIGKILL on a soft termination.
@@ -85,6 +169,15 @@ pub struct DroneArgs {
     /// Seconds a backend may take to answer HTTP before it is killed.
     #[arg(long, default_value_t = 300)]
     startup_timeout_seconds: u64,
+    /// Seconds between two resource-use samples of each backend.
+    #[arg(long, default_value_t = 10)]
+    metrics_interval_seconds: u64,
+    /// Milliseconds between heartbeats (must be well under the controller's unhealthy
+    /// threshold; tests use short ones).
+    #[arg(long, default_value_t = 7000, hide = true)]
+    heartbeat_interval_ms: u64,
+    #[command(flatten)]
+    docker: DockerArgs,
 }
 
 /// Flags of `plane proxy`.
@@ -128,6 +221,10 @@ pub struct DevArgs {
     /// Seconds between SIGTERM and SIGKILL on a soft termination.
     #[arg(long, default_value_t = 10)]
     soft_terminate_grace_seconds: u64,
+    /// Do not offer the Docker runtime even if an engine is reachable (by default,
+    /// executables with an `image` run as containers when one is).
+    #[arg(long)]
+    no_docker: bool,
 }
 
 /// Cancelled on Ctrl-C or SIGTERM.
@@ -178,10 +275,23 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
 
 /// Runs `plane drone`.
 pub async fn run_drone(args: DroneArgs) -> anyhow::Result<()> {
-    let RuntimeChoice::Process = args.runtime;
-    if args.allow_commands.is_empty() {
-        tracing::warn!("no --allow-command given: this drone will refuse every process backend");
+    let process = args.runtimes.contains(&RuntimeChoice::Process);
+    if process && args.allow_commands.is_empty() {
+        bail!("--runtime process needs at least one --allow-command (the programs backends may run)");
     }
+    if !process && !args.allow_commands.is_empty() {
+        bail!("--allow-command applies to the process runtime; add --runtime process");
+    }
+    if args.metrics_interval_seconds == 0 {
+        bail!("--metrics-interval-seconds must be at least 1");
+    }
+    if args.heartbeat_interval_ms == 0 {
+        bail!("--heartbeat-interval-ms must be at least 1");
+    }
+    let docker = args
+        .runtimes
+        .contains(&RuntimeChoice::Docker)
+        .then(|| args.docker.config(args.backend_host));
     let log_dir = args
         .log_dir
         .unwrap_or_else(|| args.db.parent().unwrap_or(Path::new(".")).join("logs"));
@@ -197,10 +307,12 @@ pub async fn run_drone(args: DroneArgs) -> anyhow::Result<()> {
             log_dir,
             bind_host: args.backend_host,
         },
-        docker: None,
+        docker,
         timings: DroneTimings {
             soft_terminate_grace: Duration::from_secs(args.soft_terminate_grace_seconds),
             startup_timeout: Duration::from_secs(args.startup_timeout_seconds),
+            metrics_interval: Duration::from_secs(args.metrics_interval_seconds),
+            heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
             ..DroneTimings::default()
         },
     };
@@ -241,6 +353,21 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
     )
     .await?;
 
+    let docker = if args.no_docker {
+        None
+    } else {
+        let config = DockerRuntimeConfig {
+            mount_base: Some(data_dir.join("mounts")),
+            ..DockerRuntimeConfig::default()
+        };
+        if plane_drone::docker_reachable(&config).await {
+            tracing::info!("Docker engine reachable: executables with an `image` run as containers");
+            Some(config)
+        } else {
+            tracing::info!("no Docker engine reachable: only the process runtime is offered");
+            None
+        }
+    };
     let exe = std::env::current_exe().context("cannot find the plane executable")?;
     let mut allow_commands = vec!["plane".to_owned(), exe.to_string_lossy().into_owned()];
     allow_commands.extend(args.allow_commands.iter().cloned());
@@ -256,7 +383,7 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             log_dir: data_dir.join("logs"),
             bind_host: IpAddr::from([127, 0, 0, 1]),
         },
-        docker: None,
+        docker,
         timings: DroneTimings {
             soft_terminate_grace: Duration::from_secs(args.soft_terminate_grace_seconds),
             ..DroneTimings::default()

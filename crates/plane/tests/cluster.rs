@@ -676,3 +676,129 @@ async fn handshake_rejects_other_protocol_versions() {
     assert!(tc.client.controller_status().await.is_ok());
     tc.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn process_backends_report_metrics_through_the_api() {
+    let tc = cluster().await;
+    let state = tc.client.cluster_state(&tc.cluster).await.unwrap();
+    assert_eq!(
+        state.drones[0].runtimes,
+        [plane_types::executable::RuntimeKind::Process]
+    );
+    let res = tc.connect_ready(&tc.demo_request("metered")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let sample = loop {
+        let m = tc.client.backend_metrics(&res.backend_id).await.unwrap();
+        assert_eq!(m.status, BackendStatus::Ready);
+        if let Some(sample) = m.metrics {
+            break sample;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no metrics arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The demo backend is a real process: it uses some memory.
+    assert!(sample.memory_bytes > 1024 * 1024, "{sample:?}");
+    // Unknown backends are a 404 ApiError.
+    let unknown: plane_types::names::BackendName = "no-such-backend".parse().unwrap();
+    let err = tc.client.backend_metrics(&unknown).await.unwrap_err();
+    assert_eq!(api_kind(&err).map(|k| k.0), Some(404), "{err}");
+    tc.client.hard_terminate(&res.backend_id).await.unwrap();
+    tc.wait_status(&res.backend_id, BackendStatus::Terminated)
+        .await
+        .unwrap();
+    // A terminated backend has no live metrics.
+    let m = tc.client.backend_metrics(&res.backend_id).await.unwrap();
+    assert_eq!((m.status, m.metrics), (BackendStatus::Terminated, None));
+    tc.shutdown().await.unwrap();
+}
+
+/// A scripted drone (raw WebSocket) reports load progress; a status stream opened with
+/// `?progress=true` carries it, a plain one does not.
+#[tokio::test]
+async fn load_progress_reaches_status_streams_that_ask_for_it() {
+    let mut options = options();
+    options.drone = false;
+    let tc = TestCluster::start(options).await.unwrap();
+    let url = format!(
+        "{}/ctrl/drone-socket",
+        tc.controller_url.replacen("http://", "ws://", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let hello = serde_json::json!({"Hello": {
+        "protocol_version": plane_types::protocol::PROTOCOL_VERSION, "name": "dr-scripted",
+        "cluster": tc.cluster.as_str(), "pool": "", "runtimes": ["docker"], "plane_version": "0",
+        "plane_hash": "x", "local_time": now}});
+    ws.send(Message::Text(hello.to_string().into())).await.unwrap();
+    ws_until(&mut ws, |m| m.get("Welcome").is_some()).await;
+    ws.send(Message::Text(
+        serde_json::json!({"Heartbeat": {"local_time": now}}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    tc.wait_for(|s| s.drones.iter().any(|d| d.ready)).await.unwrap();
+
+    let req = tc.executable_request("pulling", serde_json::json!({"image": "example/app:1"}));
+    let res = tc.connect(&req).await.unwrap();
+    let spawn = ws_until(&mut ws, |m| m.get("Spawn").is_some()).await;
+    assert_eq!(spawn["Spawn"]["backend_id"], res.backend_id.as_str());
+    let event = |id: u64, status: &str| serde_json::json!({"Event": {"event_id": id, "backend_id": res.backend_id.as_str(), "status": status}});
+    ws.send(Message::Text(event(1, "loading").to_string().into()))
+        .await
+        .unwrap();
+    tc.wait_status(&res.backend_id, BackendStatus::Loading).await.unwrap();
+
+    let mut with = tc
+        .client
+        .status_stream_with_progress(&res.backend_id, None)
+        .await
+        .unwrap();
+    let mut plain = tc.client.status_stream(&res.backend_id, None).await.unwrap();
+    let progress = serde_json::json!({"LoadProgress": {"backend_id": res.backend_id.as_str(),
+        "progress": {"message": "pulling 1 of 2 layers", "fraction": 0.5, "bytes_done": 5, "bytes_total": 10}}});
+    ws.send(Message::Text(progress.to_string().into())).await.unwrap();
+    let mut seen = Vec::new();
+    let got = tokio::time::timeout(WAIT, async {
+        while let Some(item) = with.next().await {
+            match item.unwrap() {
+                plane_client::StreamItem::Status(e) => seen.push(e.status),
+                plane_client::StreamItem::Progress(p) => return p,
+            }
+        }
+        panic!("stream ended without progress");
+    })
+    .await
+    .expect("progress arrived");
+    assert_eq!(got.bytes_done, Some(5));
+    assert_eq!(got.message, "pulling 1 of 2 layers");
+    assert_eq!(seen, [BackendStatus::Scheduled, BackendStatus::Loading]);
+    // The latest progress is also in the metrics endpoint while loading.
+    let m = tc.client.backend_metrics(&res.backend_id).await.unwrap();
+    assert_eq!(m.progress.map(|p| p.bytes_total), Some(Some(10)));
+
+    // The drone ends it; the plain stream only ever saw statuses.
+    let mut done = event(2, "terminated");
+    done["Event"]["termination_reason"] = "internalerror".into();
+    done["Event"]["message"] = "pull failed: denied".into();
+    ws.send(Message::Text(done.to_string().into())).await.unwrap();
+    let mut statuses = Vec::new();
+    while let Some(entry) = tokio::time::timeout(WAIT, plain.next()).await.unwrap() {
+        let entry = entry.unwrap();
+        statuses.push(entry.status);
+        if entry.status.is_terminal() {
+            assert_eq!(entry.message.as_deref(), Some("pull failed: denied"));
+        }
+    }
+    assert_eq!(
+        statuses,
+        [
+            BackendStatus::Scheduled,
+            BackendStatus::Loading,
+            BackendStatus::Terminated
+        ]
+    );
+    tc.shutdown().await.unwrap();
+}

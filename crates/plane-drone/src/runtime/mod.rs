@@ -3,15 +3,19 @@
 //!
 //! The backend state machine ([`crate::backend`]) only speaks [`Runtime`]; it never
 //! sees a process id or a container id except inside the opaque-to-it, serializable
-//! [`RuntimeHandle`] it persists. A Docker runtime implements the same trait: `prepare`
-//! pulls the image (reporting [`LoadProgress`]), `start` creates the container and
-//! returns its handle, `wait_exit` reads the exit code from Docker, `adopt` checks the
-//! container by id/label. Adding one means a new [`RuntimeHandle`] variant and a new
-//! module here, not a change to the state machine.
+//! [`RuntimeHandle`] it persists. Two runtimes implement it:
+//! * [`process`]: backends are child processes of the drone;
+//! * [`docker`]: backends are containers; `prepare` pulls the image (reporting
+//!   [`LoadProgress`]), `start` creates the container and returns its handle, `wait_exit`
+//!   reads the exit code from the engine's events, `adopt` checks the container's labels.
+//!
+//! Adding one means a new [`RuntimeHandle`] variant and a new module here, not a change
+//! to the state machine.
 //!
 //! [`wait_for_http`] is the readiness probe shared by runtimes whose backends are
 //! reachable over TCP.
 
+pub mod docker;
 pub mod process;
 
 use async_trait::async_trait;
@@ -67,6 +71,8 @@ pub use plane_types::protocol::{BackendMetrics, LoadProgress};
 pub enum RuntimeHandle {
     /// A child process and its process group.
     Process(process::ProcessHandle),
+    /// A container of the drone's Docker engine.
+    Docker(docker::DockerHandle),
 }
 
 impl RuntimeHandle {
@@ -74,6 +80,7 @@ impl RuntimeHandle {
     pub fn kind(&self) -> RuntimeKind {
         match self {
             RuntimeHandle::Process(_) => RuntimeKind::Process,
+            RuntimeHandle::Docker(_) => RuntimeKind::Docker,
         }
     }
 }

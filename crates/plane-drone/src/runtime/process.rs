@@ -15,8 +15,8 @@
 //!   they are no longer our children) are polled through `/proc`, exit code unknown.
 
 use super::{
-    wait_for_http, Adoption, BackendSpec, ExitInfo, LoadProgress, Runtime, RuntimeError, RuntimeHandle, StartedBackend,
-    StopSignal,
+    wait_for_http, Adoption, BackendMetrics, BackendSpec, ExitInfo, LoadProgress, Runtime, RuntimeError, RuntimeHandle,
+    StartedBackend, StopSignal,
 };
 use crate::config::ProcessRuntimeConfig;
 use async_trait::async_trait;
@@ -61,6 +61,8 @@ pub struct ProcessRuntime {
     config: ProcessRuntimeConfig,
     patterns: Vec<glob::Pattern>,
     children: Arc<Mutex<HashMap<u32, OwnedChild>>>,
+    /// The previous CPU sample per backend pid, for `cpu_percent`.
+    samples: Mutex<HashMap<u32, (std::time::Instant, u64)>>,
     /// Stops the tasks that wait for children; cancelled on drop too.
     cancel: CancellationToken,
 }
@@ -88,6 +90,7 @@ impl ProcessRuntime {
             config,
             patterns,
             children: Arc::new(Mutex::new(HashMap::new())),
+            samples: Mutex::new(HashMap::new()),
             cancel,
         })
     }
@@ -246,6 +249,58 @@ pub(crate) fn read_proc_stat(pid: u32) -> std::io::Result<ProcStat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     parse_proc_stat(&text)
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("malformed /proc/{pid}/stat")))
+}
+
+/// Resource use of a process group, summed over its live members.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct GroupUsage {
+    rss_bytes: u64,
+    cpu_nanos: u64,
+}
+
+/// `USER_HZ`, the unit of `/proc/<pid>/stat` CPU times: 100 on every Linux architecture
+/// Plane runs on (the kernel exports it as a constant, whatever its internal HZ).
+const USER_HZ: u64 = 100;
+
+/// Parses the user and system CPU time (fields 14 and 15, in `USER_HZ` ticks) and the
+/// process group (field 5) from `/proc/<pid>/stat`.
+fn parse_cpu_ticks(text: &str) -> Option<(i64, u64)> {
+    let rest = text.get(text.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).copied();
+    let utime: u64 = field(14)?.parse().ok()?;
+    let stime: u64 = field(15)?.parse().ok()?;
+    Some((field(5)?.parse().ok()?, utime + stime))
+}
+
+/// Sums RSS and CPU time over the processes of group `pgid` (a backend's process
+/// group), by scanning `/proc`. `None` if `/proc` cannot be read.
+fn group_usage(pgid: u32) -> Option<GroupUsage> {
+    let mut usage = GroupUsage::default();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((pgrp, ticks)) = parse_cpu_ticks(&stat) else {
+            continue;
+        };
+        if pgrp != i64::from(pgid) {
+            continue;
+        }
+        usage.cpu_nanos += ticks * (1_000_000_000 / USER_HZ);
+        let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .unwrap_or(0);
+        usage.rss_bytes += rss_kib * 1024;
+    }
+    Some(usage)
 }
 
 /// Whether the process behind `handle` still runs (a zombie does not).
@@ -464,6 +519,34 @@ impl Runtime for ProcessRuntime {
                 };
             }
         }
+    }
+
+    async fn metrics(&self, handle: &RuntimeHandle) -> Option<BackendMetrics> {
+        let handle = *process_handle(handle).ok()?;
+        if !is_alive(&handle) {
+            return None;
+        }
+        let usage = tokio::task::spawn_blocking(move || group_usage(handle.pid))
+            .await
+            .ok()??;
+        let now = std::time::Instant::now();
+        let previous = {
+            let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+            // Samples of backends gone long ago (their pids may be reused) are dropped.
+            samples.retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(3600));
+            samples.insert(handle.pid, (now, usage.cpu_nanos))
+        };
+        let cpu_percent = previous.and_then(|(at, nanos)| {
+            let wall = now.duration_since(at).as_nanos() as f64;
+            (wall > 0.0 && usage.cpu_nanos >= nanos).then(|| (usage.cpu_nanos - nanos) as f64 * 100.0 / wall)
+        });
+        Some(BackendMetrics {
+            memory_bytes: usage.rss_bytes,
+            memory_limit_bytes: None,
+            cpu_total_nanos: usage.cpu_nanos,
+            cpu_percent,
+            sampled_at: crate::state::now_ms(),
+        })
     }
 
     async fn adopt(&self, backend_id: &BackendName, handle: &RuntimeHandle) -> Result<Adoption, RuntimeError> {
@@ -738,6 +821,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn metrics_sum_the_process_group() {
+        let dir = TempDir::new("proc-metrics");
+        let rt = runtime(&dir, &["sh"]);
+        // A busy child in the backend's group: its CPU time must be counted.
+        let started = start(
+            &rt,
+            &spec("metrics1", &["sh", "-c", "(while :; do :; done) & exec sleep 1000"]),
+        )
+        .await;
+        let first = rt.metrics(&started.handle).await.expect("a first sample");
+        assert!(first.memory_bytes > 0, "{first:?}");
+        assert_eq!(first.cpu_percent, None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let second = loop {
+            let m = rt.metrics(&started.handle).await.expect("a sample");
+            if m.cpu_total_nanos > first.cpu_total_nanos {
+                break m;
+            }
+            assert!(std::time::Instant::now() < deadline, "the busy loop used no CPU: {m:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(second.cpu_percent.is_some_and(|p| p > 0.0), "{second:?}");
+        rt.signal(&started.handle, StopSignal::Kill).await.unwrap();
+        rt.wait_exit(&started.handle).await;
+        assert_eq!(rt.metrics(&started.handle).await, None);
+    }
+
+    #[test]
+    fn cpu_ticks_are_parsed_after_the_command_name() {
+        let stat = "42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 1 0 99 0 0";
+        assert_eq!(parse_cpu_ticks(stat), Some((42, 12)));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+    }
+
+    #[tokio::test]
     async fn adoption_after_a_restart() {
         let dir = TempDir::new("proc-adopt");
         let first = runtime(&dir, &["sleep"]);
@@ -746,7 +864,9 @@ mod tests {
         let json = serde_json::to_string(&started.handle).unwrap();
         assert!(json.contains("\"runtime\":\"process\""), "{json}");
         let handle: RuntimeHandle = serde_json::from_str(&json).unwrap();
-        let RuntimeHandle::Process(ph) = handle.clone();
+        let RuntimeHandle::Process(ph) = handle.clone() else {
+            panic!("not a process handle")
+        };
 
         let second = runtime(&dir, &["sleep"]);
         let id: BackendName = "adopt1".parse().unwrap();

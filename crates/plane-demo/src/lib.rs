@@ -1,35 +1,89 @@
-//! `plane demo-backend`: a small multiplayer session backend bundled with Plane.
+//! The demo backend: a small multiplayer session backend bundled with Plane, run as
+//! `plane demo-backend` or as the standalone `plane-demo-backend` binary (`src/main.rs`),
+//! which is what the Docker test image (`plane-test-image`) holds.
 //!
-//! It serves one page (`demo/index.html`) with a shared counter and a chat that every
+//! It serves one page (`index.html`) with a shared counter and a chat that every
 //! connected browser sees change live, plus a table of what Plane passed to the backend
 //! (the `SESSION_BACKEND_*` variables and the `x-verified-username` header).
 //!
-//! Routes (each also under one leading path segment, `/<prefix>/…`, because a static
-//! token stays in the forwarded path):
+//! # Routes
+//!
+//! Each route is also served under one leading path segment, `/<prefix>/…`, because a
+//! static token stays in the forwarded path.
 //! * `GET /` — the page;
 //! * `GET /ws` — the WebSocket; clients send `{"op":"inc"}`, `{"op":"dec"}` or
 //!   `{"op":"chat","text":"…"}` and receive the full state
 //!   `{"counter":n,"messages":[…last 50],"clients":n}` on join and after every change;
 //! * `GET /state` — that state as JSON;
-//! * `GET /env` — the `SESSION_BACKEND_*` variables as a JSON object;
+//! * `GET /env` — the whole environment of the process, as read at start-up, as a JSON
+//!   object of strings (variables that are not valid UTF-8 are left out): what Plane and
+//!   the executable's `env` set, such as `PORT` and `SESSION_BACKEND_*`;
 //! * `/debug/request` (any method) — echoes what arrived: `{"method", "path"` (with the
 //!   query, as received), `"headers"}` — so tests can see what the proxy forwarded;
 //! * `POST /debug/exit?code=N` — exits the process at once with code N (0..=255,
 //!   default 0; the request gets no answer), so tests can make a backend stop by
-//!   itself: the client sees the connection drop only after the process is gone. Anyone who can
-//!   reach the backend can do this: it is a demo, not an app to expose as is.
+//!   itself: the client sees the connection drop only after the process is gone;
+//! * `GET /debug/limits` — the limits the process runs under, read from its own cgroup
+//!   files, `getrlimit` and `/proc/self/status` (see [`Limits`] for the JSON shape);
+//! * `POST /debug/file?path=/abs/path` — writes the request body (at most
+//!   [`MAX_FILE_BYTES`]) to that file, creating its parent directories; answers
+//!   `{"ok":true}`, or 500 `{"error":"<I/O error text>"}` (a read-only filesystem, a full
+//!   disk, no permission…), or 400 `{"error":…}` for a missing or relative path;
+//! * `GET /debug/file?path=/abs/path` — the file's content (`application/octet-stream`), or
+//!   404 `{"error":…}` if it does not exist, 500 `{"error":…}` for other I/O errors;
+//! * `GET /debug/signals` — the signals received so far, oldest first, as a JSON list of
+//!   [`ReceivedSignal`]: `[{"signal":"SIGTERM","unix_ms":…,"ignored":false}, …]`.
 //!
-//! It binds `0.0.0.0:$PORT` (default 8080) and serves at once: it is on the cold-start
-//! path. SIGTERM or SIGINT closes the WebSockets and exits 0 within [`SHUTDOWN_GRACE`].
+//! `/env` and the debug routes let anyone who can reach the backend read its environment,
+//! stop it, or read and write its files: it is a demo and a test fixture, not an app to
+//! expose as is.
+//!
+//! # Environment
+//!
+//! * `PORT` — the port to listen on, on `0.0.0.0` (default 8080);
+//! * `SESSION_BACKEND_ID`, `SESSION_BACKEND_KEY`, `SESSION_BACKEND_FENCING_TOKEN`,
+//!   `SESSION_BACKEND_STATIC_TOKEN` — set by Plane; shown on the page (and by `/env`, like
+//!   every other variable);
+//! * `DEMO_SIGTERM_FILE` — if set, every SIGTERM first appends `SIGTERM <unix ms>\n` to
+//!   this file and fsyncs it, so a test can tell a graceful stop from a SIGKILL even
+//!   after the process (or its container) is gone;
+//! * `DEMO_IGNORE_SIGTERM=1` — record SIGTERM (file, stdout, `/debug/signals`) and keep
+//!   running, so the orchestrator has to SIGKILL the backend after its grace period;
+//! * `RUST_LOG` — the log level of the standalone binary (`error` … `trace`, default
+//!   `info`); under `plane demo-backend` the `plane` binary's logging applies.
+//!
+//! # Stopping
+//!
+//! It binds and serves at once: it is on the cold-start path. SIGTERM (unless ignored)
+//! or SIGINT closes the WebSockets and exits 0 within [`SHUTDOWN_GRACE`]. Each signal
+//! also prints one line to stdout.
+//!
+//! # Layout
+//!
+//! * this file: the room (counter, chat, clients), the router, serving and shutdown;
+//! * `debug.rs`: the `/debug/*` handlers;
+//! * `limits.rs`: reading cgroup v1/v2 limits, `RLIMIT_CPU` and `NoNewPrivs`;
+//! * `signals.rs`: SIGTERM/SIGINT handling and the log behind `/debug/signals`.
+//!
+//! Linux only: it reads `/proc` and `/sys/fs/cgroup`.
+
+mod debug;
+mod limits;
+mod signals;
+
+pub use debug::MAX_FILE_BYTES;
+pub use limits::{CgroupVersion, Limits};
+pub use signals::ReceivedSignal;
 
 use anyhow::Context as _;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, Method, Uri};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use signals::{SignalConfig, SignalLog};
 use std::collections::{BTreeMap, VecDeque};
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -42,7 +96,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// The page, with `{{NAME}}` placeholders.
-const INDEX_HTML: &str = include_str!("demo/index.html");
+const INDEX_HTML: &str = include_str!("index.html");
 /// The environment variables Plane sets for a backend, shown on the page.
 pub const SESSION_ENV_VARS: [&str; 4] = [
     "SESSION_BACKEND_ID",
@@ -97,8 +151,10 @@ struct AppState {
     /// Carries the serialized [`Room`] after every change. Sent while the room lock is
     /// held, so every client sees the updates in the order they happened.
     updates: broadcast::Sender<Utf8Bytes>,
-    /// The `SESSION_BACKEND_*` variables, read once at start-up.
+    /// The process environment, read once at start-up (tests pass their own).
     env: BTreeMap<String, String>,
+    /// The signals received so far, for `/debug/signals`.
+    signals: SignalLog,
     /// Cancelled when the server shuts down; WebSocket sessions then close.
     shutdown: CancellationToken,
     /// Tracks the WebSocket sessions, so shutdown can wait for them to close.
@@ -119,11 +175,12 @@ fn exit_process(code: i32) -> ! {
 }
 
 impl AppState {
-    fn new(env: BTreeMap<String, String>, exit: ExitHook) -> Arc<AppState> {
+    fn new(env: BTreeMap<String, String>, signals: SignalLog, exit: ExitHook) -> Arc<AppState> {
         Arc::new(AppState {
             room: Mutex::new(Room::default()),
             updates: broadcast::channel(UPDATE_QUEUE).0,
             env,
+            signals,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             next_guest: AtomicU64::new(1),
@@ -220,10 +277,10 @@ fn now_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The `SESSION_BACKEND_*` variables of this process.
-pub fn session_env_from_process() -> BTreeMap<String, String> {
-    std::env::vars()
-        .filter(|(name, _)| name.starts_with("SESSION_BACKEND_"))
+/// The environment of this process, leaving out what is not valid UTF-8: what `/env` shows.
+pub fn env_from_process() -> BTreeMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
         .collect()
 }
 
@@ -238,22 +295,37 @@ fn app(state: Arc<AppState>) -> Router {
         .route("/{prefix}/ws", get(websocket))
         .route("/{prefix}/state", get(state_json))
         .route("/{prefix}/env", get(env_json))
-        .route("/debug/request", any(debug_request))
-        .route("/{prefix}/debug/request", any(debug_request))
-        .route("/debug/exit", post(debug_exit))
-        .route("/{prefix}/debug/exit", post(debug_exit))
+        .route("/debug/request", any(debug::request))
+        .route("/{prefix}/debug/request", any(debug::request))
+        .route("/debug/exit", post(debug::exit))
+        .route("/{prefix}/debug/exit", post(debug::exit))
+        .route("/debug/limits", get(debug::limits))
+        .route("/{prefix}/debug/limits", get(debug::limits))
+        .route("/debug/signals", get(debug::signals))
+        .route("/{prefix}/debug/signals", get(debug::signals))
+        .route("/debug/file", file_routes())
+        .route("/{prefix}/debug/file", file_routes())
         .with_state(state)
 }
 
+/// `GET` and `POST /debug/file`, with room for larger bodies than axum's default 2 MiB.
+fn file_routes() -> axum::routing::MethodRouter<Arc<AppState>> {
+    get(debug::read_file)
+        .post(debug::write_file)
+        .layer(DefaultBodyLimit::max(MAX_FILE_BYTES))
+}
+
 /// Serves the demo on `listener` until `shutdown` resolves, then closes the
-/// WebSockets and returns within [`SHUTDOWN_GRACE`].
+/// WebSockets and returns within [`SHUTDOWN_GRACE`]. `env` stands for the environment:
+/// `/env` shows it and the page reads the `SESSION_BACKEND_*` variables from it. No
+/// signal handling: `/debug/signals` stays empty (that is [`run`]'s part).
 pub async fn serve(
     listener: TcpListener,
     env: BTreeMap<String, String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let exit: ExitHook = Arc::new(|code| exit_process(code));
-    serve_state(listener, AppState::new(env, exit), shutdown).await
+    serve_state(listener, AppState::new(env, SignalLog::default(), exit), shutdown).await
 }
 
 async fn serve_state(
@@ -290,7 +362,9 @@ async fn serve_state(
     }
 }
 
-/// Runs `plane demo-backend`.
+/// Runs the demo backend as configured by the process environment (see the crate docs)
+/// until SIGTERM (unless `DEMO_IGNORE_SIGTERM=1`) or SIGINT: `plane demo-backend` and
+/// `plane-demo-backend`. Logs through `tracing`; the caller installs the subscriber.
 pub async fn run() -> anyhow::Result<()> {
     let port: u16 = match std::env::var("PORT") {
         Ok(p) => p
@@ -301,36 +375,22 @@ pub async fn run() -> anyhow::Result<()> {
         Err(err) => return Err(err).context("cannot read PORT"),
     };
     // Install the signal handlers before accepting traffic, so an early SIGTERM is
-    // still a graceful stop.
-    let shutdown = shutdown_signal()?;
+    // still recorded and a graceful stop.
+    let signal_log = SignalLog::default();
+    let shutdown = signals::watch(SignalConfig::from_process(), signal_log.clone())?;
     let addr = SocketAddr::from(([0, 0, 0, 0], port));
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let env = session_env_from_process();
+    let addr = listener.local_addr().unwrap_or(addr);
+    let env = env_from_process();
     tracing::info!(%addr, backend_id = env.get("SESSION_BACKEND_ID").map(String::as_str), "demo backend listening");
-    serve(listener, env, shutdown)
+    let exit: ExitHook = Arc::new(|code| exit_process(code));
+    serve_state(listener, AppState::new(env, signal_log, exit), shutdown)
         .await
         .context("demo backend server failed")?;
     tracing::info!("demo backend stopped");
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    #[cfg(unix)]
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot install the SIGTERM handler")?;
-    Ok(async move {
-        #[cfg(unix)]
-        let terminate = sigterm.recv();
-        #[cfg(not(unix))]
-        let terminate = std::future::pending::<Option<()>>();
-        tokio::select! {
-            _ = terminate => tracing::info!(signal = "SIGTERM", "stopping"),
-            _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "stopping"),
-        }
-    })
 }
 
 async fn index(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Html<String> {
@@ -345,35 +405,6 @@ async fn state_json(State(state): State<Arc<AppState>>) -> Response {
 
 async fn env_json(State(state): State<Arc<AppState>>) -> Json<BTreeMap<String, String>> {
     Json(state.env.clone())
-}
-
-/// The query of `POST /debug/exit`.
-#[derive(Debug, Deserialize)]
-struct ExitQuery {
-    #[serde(default)]
-    code: u8,
-}
-
-async fn debug_request(method: Method, uri: Uri, headers: HeaderMap) -> Json<serde_json::Value> {
-    let mut seen: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in &headers {
-        let value = String::from_utf8_lossy(value.as_bytes());
-        seen.entry(name.as_str().to_owned())
-            .and_modify(|v| {
-                v.push_str(", ");
-                v.push_str(&value);
-            })
-            .or_insert_with(|| value.into_owned());
-    }
-    let path = uri
-        .path_and_query()
-        .map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned());
-    Json(serde_json::json!({ "method": method.as_str(), "path": path, "headers": seen }))
-}
-
-async fn debug_exit(State(state): State<Arc<AppState>>, Query(query): Query<ExitQuery>) -> Json<serde_json::Value> {
-    (state.exit)(i32::from(query.code));
-    Json(serde_json::json!({ "exiting": query.code }))
 }
 
 async fn websocket(State(state): State<Arc<AppState>>, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Response {
@@ -524,6 +555,7 @@ mod tests {
             let (exit_tx, exits) = tokio::sync::mpsc::unbounded_channel();
             let state = AppState::new(
                 env,
+                SignalLog::default(),
                 Arc::new(move |code| {
                     let _ = exit_tx.send(code);
                 }),
@@ -771,6 +803,70 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn limits_file_and_signal_endpoints() {
+        let demo = Demo::start().await;
+        let http = reqwest::Client::new();
+        for prefix in ["", "/s.tok"] {
+            let limits: Limits = http
+                .get(demo.url(&format!("{prefix}/debug/limits")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(limits, Limits::read());
+            let signals: Value = http
+                .get(demo.url(&format!("{prefix}/debug/signals")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(signals, json!([]));
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/c.txt");
+        let url = |prefix: &str, path: &std::path::Path| {
+            let mut url = reqwest::Url::parse(&demo.url(&format!("{prefix}/debug/file"))).unwrap();
+            url.query_pairs_mut().append_pair("path", path.to_str().unwrap());
+            url
+        };
+        let res = http.get(url("", &path)).send().await.unwrap();
+        assert_eq!(res.status(), 404);
+        assert!(res.json::<Value>().await.unwrap()["error"].is_string());
+        let res = http.post(url("/s.tok", &path)).body("hello\n").send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.json::<Value>().await.unwrap(), json!({"ok": true}));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello\n");
+        let res = http.get(url("/s.tok", &path)).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.bytes().await.unwrap().as_ref(), b"hello\n");
+
+        // Writing where a file is in the way of a directory is an I/O error: 500 with its text.
+        let res = http
+            .post(url("", &path.join("below-a-file")))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 500);
+        let error = res.json::<Value>().await.unwrap();
+        assert!(error["error"].as_str().unwrap().contains("os error"), "{error}");
+        // Reading a directory is an I/O error other than "not found".
+        assert_eq!(http.get(url("", dir.path())).send().await.unwrap().status(), 500);
+
+        for bad in ["/debug/file", "/debug/file?path=relative/x"] {
+            let res = http.post(demo.url(bad)).body("x").send().await.unwrap();
+            assert_eq!(res.status(), 400, "{bad}");
+            assert!(res.json::<Value>().await.unwrap()["error"].is_string(), "{bad}");
+            assert_eq!(http.get(demo.url(bad)).send().await.unwrap().status(), 400, "{bad}");
+        }
+    }
+
+    #[tokio::test]
     async fn shutdown_closes_sockets_and_returns() {
         let mut demo = Demo::start().await;
         let mut a = demo.client("/ws").await;
@@ -820,6 +916,6 @@ mod tests {
     #[test]
     fn router_builds() {
         // The route table is valid (axum panics on conflicting routes when building).
-        let _ = app(AppState::new(BTreeMap::new(), Arc::new(|_| {})));
+        let _ = app(AppState::new(BTreeMap::new(), SignalLog::default(), Arc::new(|_| {})));
     }
 }
