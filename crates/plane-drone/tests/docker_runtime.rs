@@ -1,5 +1,6 @@
 //! The Docker runtime against the real engine, through the [`Runtime`] trait, with the
-//! demo backend's image (`plane-test-image`, built locally: there is no registry).
+//! demo backend's image (`plane-test-image`, built locally), and pulls of it from the
+//! fake registry of `plane_test_image::registry`.
 //!
 //! These tests need a running Docker engine and fail (they do not skip) without one.
 //! Each test uses its own drone name, so the containers it creates carry their own
@@ -12,6 +13,7 @@ use plane_drone::{
     docker_reachable, DockerAddressMode, DockerHandle, DockerRuntime, DockerRuntimeConfig, StateStore, LABEL_BACKEND,
     LABEL_DRONE, LABEL_MANAGED,
 };
+use plane_test_image::registry::TestRegistry;
 use plane_types::executable::Executable;
 use plane_types::names::{BackendName, DroneName};
 use std::collections::HashSet;
@@ -763,227 +765,13 @@ async fn an_unreachable_engine_is_a_clear_error() {
     );
 }
 
-/// A minimal registry (the pull side of the distribution API, plain HTTP on loopback,
-/// which the engine treats as an insecure registry) serving one image: the demo
-/// image's layer plus a layer of random bytes, so each registry's image is new to the
-/// engine. With credentials, every request but the first must carry them.
-struct FakeRegistry {
-    address: SocketAddr,
-    /// `METHOD path` of every request served.
-    requests: Arc<Mutex<Vec<String>>>,
-    /// The sizes of the image's layers.
-    layer_sizes: Vec<u64>,
-    _server: tokio::task::JoinHandle<()>,
-}
-
-fn sha256_digest(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    let hash = sha2::Sha256::digest(bytes);
-    format!("sha256:{}", hash.iter().map(|b| format!("{b:02x}")).collect::<String>())
-}
-
-/// A tar holding one file of `len` random bytes.
-fn random_layer(len: usize) -> Vec<u8> {
-    let data: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.set_size(data.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
-    builder.append_data(&mut header, "random.bin", data.as_slice()).unwrap();
-    builder.into_inner().unwrap()
-}
-
-impl FakeRegistry {
-    /// Serves `<repository>:<tag>`, made of `image`'s layer and a random one.
-    async fn start(dir: &Path, image: &str, repository: &str, tag: &str, credentials: Option<(&str, &str)>) -> Self {
-        let saved = dir.join("saved");
-        std::fs::create_dir_all(&saved).unwrap();
-        let archive = dir.join("saved.tar");
-        let out = docker_cli(&["save", "-o", archive.to_str().unwrap(), image]);
-        assert!(out.status.success(), "{out:?}");
-        let out = std::process::Command::new("tar")
-            .arg("-xf")
-            .arg(&archive)
-            .arg("-C")
-            .arg(&saved)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(saved.join("manifest.json")).unwrap()).unwrap();
-        let mut config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(saved.join(manifest[0]["Config"].as_str().unwrap())).unwrap())
-                .unwrap();
-        let mut layers: Vec<Vec<u8>> = manifest[0]["Layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| std::fs::read(saved.join(l.as_str().unwrap())).unwrap())
-            .collect();
-        layers.push(random_layer(3 << 20));
-        // Layers are plain tars, so each one's digest is also its diff id.
-        config["rootfs"]["diff_ids"] = layers.iter().map(|l| sha256_digest(l)).collect();
-        config["history"] = layers
-            .iter()
-            .map(|_| serde_json::json!({"created": "2026-01-01T00:00:00Z", "created_by": "plane test"}))
-            .collect();
-        let config = serde_json::to_vec(&config).unwrap();
-        let layer_descriptors: Vec<serde_json::Value> = layers
-            .iter()
-            .map(|l| {
-                serde_json::json!({"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                                   "size": l.len(), "digest": sha256_digest(l)})
-            })
-            .collect();
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-            "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                       "size": config.len(), "digest": sha256_digest(&config)},
-            "layers": layer_descriptors,
-        }))
-        .unwrap();
-        let layer_sizes = layers.iter().map(|l| l.len() as u64).collect();
-        let mut blobs: std::collections::HashMap<String, Arc<Vec<u8>>> =
-            layers.into_iter().map(|l| (sha256_digest(&l), Arc::new(l))).collect();
-        blobs.insert(sha256_digest(&config), Arc::new(config));
-        let manifest_digest = sha256_digest(&manifest);
-        let routes = Arc::new(Routes {
-            manifest_paths: vec![
-                format!("/v2/{repository}/manifests/{tag}"),
-                format!("/v2/{repository}/manifests/{manifest_digest}"),
-            ],
-            manifest: Arc::new(manifest),
-            manifest_digest,
-            blob_prefix: format!("/v2/{repository}/blobs/"),
-            blobs,
-            authorization: credentials.map(|(user, password)| {
-                use base64::Engine as _;
-                format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-                )
-            }),
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let log = requests.clone();
-        let server = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_registry(stream, routes.clone(), log.clone()));
-            }
-        });
-        FakeRegistry {
-            address,
-            requests,
-            layer_sizes,
-            _server: server,
-        }
-    }
-
-    fn count(&self, what: &str) -> usize {
-        self.requests
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.contains(what))
-            .count()
-    }
-}
-
-struct Routes {
-    manifest_paths: Vec<String>,
-    manifest: Arc<Vec<u8>>,
-    manifest_digest: String,
-    blob_prefix: String,
-    blobs: std::collections::HashMap<String, Arc<Vec<u8>>>,
-    authorization: Option<String>,
-}
-
-/// Serves HTTP/1.1 requests (no bodies) on one connection; drops anything else (the
-/// engine tries TLS first).
-async fn serve_registry(mut stream: tokio::net::TcpStream, routes: Arc<Routes>, log: Arc<Mutex<Vec<String>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        let end = loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            if buf.first().is_some_and(|b| !b.is_ascii_uppercase()) {
-                return;
-            }
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        buf.drain(..end);
-        let mut lines = head.split("\r\n");
-        let mut request_line = lines.next().unwrap_or_default().split(' ');
-        let (method, path) = (
-            request_line.next().unwrap_or_default(),
-            request_line.next().unwrap_or_default(),
-        );
-        let path = path.split('?').next().unwrap_or_default().to_owned();
-        let authorization = lines.find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("authorization")
-                .then(|| value.trim().to_owned())
-        });
-        log.lock().unwrap().push(format!("{method} {path}"));
-        let authorized = routes.authorization.is_none() || authorization == routes.authorization;
-        let (status, content_type, digest, body): (&str, &str, Option<String>, Arc<Vec<u8>>) = if !authorized {
-            let body = br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
-            ("401 Unauthorized", "application/json", None, Arc::new(body.to_vec()))
-        } else if path == "/v2/" {
-            ("200 OK", "application/json", None, Arc::new(b"{}".to_vec()))
-        } else if routes.manifest_paths.contains(&path) {
-            let media = "application/vnd.docker.distribution.manifest.v2+json";
-            (
-                "200 OK",
-                media,
-                Some(routes.manifest_digest.clone()),
-                routes.manifest.clone(),
-            )
-        } else if let Some(blob) = path.strip_prefix(&routes.blob_prefix).and_then(|d| routes.blobs.get(d)) {
-            let digest = path.strip_prefix(&routes.blob_prefix).map(str::to_owned);
-            ("200 OK", "application/octet-stream", digest, blob.clone())
-        } else {
-            let body = br#"{"errors":[{"code":"NAME_UNKNOWN","message":"not here"}]}"#;
-            ("404 Not Found", "application/json", None, Arc::new(body.to_vec()))
-        };
-        let mut response = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-             Docker-Distribution-API-Version: registry/2.0\r\n",
-            body.len()
-        );
-        if let Some(digest) = digest {
-            response.push_str(&format!("Docker-Content-Digest: {digest}\r\n"));
-        }
-        if !authorized {
-            response.push_str("WWW-Authenticate: Basic realm=\"plane-test\"\r\n");
-        }
-        response.push_str("\r\n");
-        if stream.write_all(response.as_bytes()).await.is_err() {
-            return;
-        }
-        if method != "HEAD" && stream.write_all(&body).await.is_err() {
-            return;
-        }
-    }
-}
-
 #[tokio::test]
 async fn pulls_with_credentials_progress_and_pruning() {
     let fx = Fixture::new().await;
-    let tag = format!("t{:08x}", rand::random::<u32>());
-    let registry = FakeRegistry::start(fx.dir.path(), &fx.image, "plane/pulled", &tag, Some(("user", "secret"))).await;
-    let image = format!("{}/plane/pulled:{tag}", registry.address);
+    let registry = TestRegistry::start(&fx.image, "plane/pulled", Some(("user", "secret")))
+        .await
+        .expect("starting the test registry");
+    let image = registry.image_ref().to_owned();
     let _image_guard = RemoveImage(image.clone());
     let store = StateStore::open(&fx.dir.path().join("drone.db")).await.unwrap();
     let config = DockerRuntimeConfig {
@@ -1016,13 +804,13 @@ async fn pulls_with_credentials_progress_and_pruning() {
     assert_eq!(last.fraction, Some(1.0));
     // The engine may know the demo image's layer already ("Already exists"): the random
     // one is always fetched.
-    let all: u64 = registry.layer_sizes.iter().sum();
-    let random = *registry.layer_sizes.last().unwrap();
+    let all: u64 = registry.layer_sizes().iter().sum();
+    let random = *registry.layer_sizes().last().unwrap();
     let total = last.bytes_total.expect("a total");
     assert!(
         total == all || total == random,
         "{last:?}, layers {:?}",
-        registry.layer_sizes
+        registry.layer_sizes()
     );
     assert_eq!(last.bytes_done, Some(total), "{last:?}");
     assert!(
@@ -1048,13 +836,15 @@ async fn pulls_with_credentials_progress_and_pruning() {
     );
 
     // Present now: IfNotPresent does not pull again; Always does.
-    let manifests = registry.count("/manifests/");
+    let manifests = registry.pulls();
+    assert!(manifests >= 1, "{:?}", registry.requests());
+    let requests = registry.requests().len();
     rt.prepare(&spec, &no_progress).await.unwrap();
-    assert_eq!(registry.count("/manifests/"), manifests);
+    assert_eq!(registry.requests().len(), requests, "no request at all");
     let always = spec_of(serde_json::json!({"image": image, "pull_policy": "Always",
                                             "credentials": {"username": "user", "password": "secret"}}));
     rt.prepare(&always, &no_progress).await.unwrap();
-    assert!(registry.count("/manifests/") > manifests);
+    assert!(registry.pulls() > manifests, "{:#?}", registry.requests());
 
     // In use: not pruned. Stopped and exit read: the container goes, then the image.
     rt.cleanup_now().await;

@@ -44,6 +44,14 @@
 //!
 //! Docker must be reachable through the `docker` command. The functions run commands and
 //! block: from async code use [`demo_image_async`].
+//!
+//! # Pulling it from a registry
+//!
+//! [`registry::TestRegistry`] serves an image the engine has (this one, usually) from a
+//! fake registry on loopback, with optional Basic authentication, so tests can exercise
+//! real pulls (`docker pull`, credentials, progress) with no registry on the internet.
+
+pub mod registry;
 
 use anyhow::{bail, Context as _};
 use sha2::{Digest as _, Sha256};

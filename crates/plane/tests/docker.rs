@@ -472,6 +472,7 @@ async fn a_drone_killed_with_sigkill_readopts_its_containers() {
     let kept = tc.connect_ready(&request("kept")).await.unwrap();
     let also_kept = tc.connect_ready(&request("also-kept")).await.unwrap();
     let stopped = tc.connect_ready(&request("stopped-while-down")).await.unwrap();
+    let removed = tc.connect_ready(&request("removed-while-down")).await.unwrap();
     let tokens_before = key_fencing_token(&tc, &kept.backend_id).await;
 
     // SIGKILL: no shutdown path runs.
@@ -479,6 +480,7 @@ async fn a_drone_killed_with_sigkill_readopts_its_containers() {
     drone.0.wait().unwrap();
     // While it is down, one backend stops, and a Plane container it never knew appears.
     docker_ok(&["kill", "-s", "KILL", &format!("plane-{}", stopped.backend_id)]);
+    docker_ok(&["rm", "-f", &format!("plane-{}", removed.backend_id)]);
     let stranger = docker_ok(&[
         "run",
         "-d",

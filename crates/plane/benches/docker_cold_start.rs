@@ -1,0 +1,169 @@
+//! Benchmark (not a test): Docker cold start, connect → ready, next to raw `docker run`
+//! → first HTTP response, interleaved in the same run.
+//!
+//! * **plane:** `POST /ctrl/connect` for a new key with the locally built, cached
+//!   `FROM scratch` demo image (`pull_policy: Never`), then follow the status stream
+//!   until `ready`. The drone creates, starts and inspects the container through the
+//!   engine API and polls the published port until it answers HTTP.
+//! * **baseline:** `docker run -d` of the same image with the same hardening flags Plane
+//!   uses (`no-new-privileges`, pids limit), publishing 8080 on a free loopback port,
+//!   while polling that port until it answers HTTP. Timed from spawning `docker run`.
+//!
+//! Containers are removed outside the timed sections. Run:
+//! `cargo bench -p plane --bench docker_cold_start` (`PLANE_BENCH_DOCKER_SPAWNS`,
+//! default 60).
+
+use plane_drone::config::DockerRuntimeConfig;
+use plane_tests::{Options, TestCluster};
+use plane_types::status::BackendStatus;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+struct Summary {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    mean: f64,
+    n: usize,
+}
+
+fn summarize(mut ms: Vec<f64>) -> Summary {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
+    Summary {
+        p50: at(0.5),
+        p90: at(0.9),
+        p99: at(0.99),
+        mean: ms.iter().sum::<f64>() / ms.len() as f64,
+        n: ms.len(),
+    }
+}
+
+fn print(name: &str, s: &Summary) {
+    println!(
+        "{name:<40} n={:<5} p50={:>8.1} ms  p90={:>8.1} ms  p99={:>8.1} ms  mean={:>8.1} ms",
+        s.n, s.p50, s.p90, s.p99, s.mean
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+async fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("docker").args(args).output().await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// `docker run -d` → the published port answers HTTP; returns the time and the
+/// container id.
+async fn baseline_run(image: &str) -> anyhow::Result<(f64, String)> {
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:8080");
+    let start = Instant::now();
+    let run = tokio::process::Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--security-opt",
+            "no-new-privileges",
+            "--pids-limit",
+            "1024",
+        ])
+        .args(["-e", "PORT=8080", "-p", &publish, image])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output();
+    tokio::pin!(run);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut output = None;
+    // Poll while `docker run` is still running: the container may answer before the
+    // CLI returns.
+    let elapsed = loop {
+        if output.is_none() {
+            if let Ok(out) = tokio::time::timeout(Duration::from_millis(1), &mut run).await {
+                output = Some(out?);
+            }
+        }
+        if plane_drone::runtime::probe_http(addr).await {
+            break start.elapsed().as_secs_f64() * 1000.0;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "baseline container never answered");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let out = match output {
+        Some(out) => out,
+        None => run.await?,
+    };
+    anyhow::ensure!(
+        out.status.success(),
+        "docker run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((elapsed, String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let binary = env!("CARGO_BIN_EXE_plane");
+    let spawns: usize = std::env::var("PLANE_BENCH_DOCKER_SPAWNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    plane_test_image::require_docker()?;
+    let image = tokio::task::spawn_blocking(plane_test_image::demo_image).await??;
+    let mounts = tempfile::tempdir()?;
+    let mut options = Options::new(binary);
+    options.lease_unit = Duration::from_secs(10);
+    options.heartbeat_interval = Duration::from_secs(1);
+    options.sweep_interval = Duration::from_secs(1);
+    options.startup_timeout = Duration::from_secs(60);
+    options.docker = Some(DockerRuntimeConfig {
+        mount_base: Some(mounts.path().to_owned()),
+        ..DockerRuntimeConfig::default()
+    });
+    let tc = TestCluster::start(options).await?;
+    let request =
+        |key: String| tc.executable_request(&key, serde_json::json!({ "image": image, "pull_policy": "Never" }));
+
+    let mut plane_ms = Vec::with_capacity(spawns);
+    let mut base_ms = Vec::with_capacity(spawns);
+    for i in 0..(spawns + 3) {
+        // Interleaved, so both see the same machine; the first 3 rounds warm up.
+        let (base, id) = baseline_run(&image).await?;
+        docker(&["rm", "-f", &id]).await?;
+        let start = Instant::now();
+        let res = tc.client.connect(&request(format!("docker-bench-{i}"))).await?;
+        tc.wait_status(&res.backend_id, BackendStatus::Ready).await?;
+        let plane = start.elapsed().as_secs_f64() * 1000.0;
+        tc.client.hard_terminate(&res.backend_id).await?;
+        tc.wait_status(&res.backend_id, BackendStatus::Terminated).await?;
+        docker(&["rm", "-f", &format!("plane-{}", res.backend_id)]).await?;
+        if i >= 3 {
+            plane_ms.push(plane);
+            base_ms.push(base);
+        }
+    }
+    let plane = summarize(plane_ms);
+    let base = summarize(base_ms);
+    println!("\ncold start, demo image (FROM scratch, cached), Docker runtime");
+    print("plane: connect -> ready", &plane);
+    print("baseline: docker run -> answers HTTP", &base);
+    println!(
+        "{:<40} p50 {:+.1} ms  p99 {:+.1} ms  (p50 x{:.2})",
+        "overhead plane - baseline",
+        plane.p50 - base.p50,
+        plane.p99 - base.p99,
+        plane.p50 / base.p50
+    );
+    tc.shutdown().await
+}
