@@ -141,6 +141,9 @@ struct StreamState {
     progress: Option<tokio::sync::broadcast::Receiver<crate::state::ProgressChange>>,
     /// The latest progress known when the stream opened, sent after the replay.
     initial_progress: Option<plane_types::protocol::LoadProgress>,
+    /// The last progress sent: a live report equal to it (one that arrived between
+    /// subscribing and reading the latest) is not sent twice.
+    last_progress: Option<plane_types::protocol::LoadProgress>,
     pending: std::collections::VecDeque<StatusEntry>,
     last: Option<BackendStatus>,
     done: bool,
@@ -183,14 +186,20 @@ impl StreamState {
                 self.initial_progress = None;
             }
             if let Some(p) = self.initial_progress.take() {
-                return Some((Ok(progress_event(&p)), self));
+                let event = progress_event(&p);
+                self.last_progress = Some(p);
+                return Some((Ok(event), self));
             }
             let change = tokio::select! {
                 biased;
                 change = self.rx.recv() => change,
                 progress = next_progress(&mut self.progress) => {
                     match progress {
-                        Some(Ok(p)) if p.backend_id == self.id => return Some((Ok(progress_event(&p.progress)), self)),
+                        Some(Ok(p)) if p.backend_id == self.id && self.last_progress.as_ref() != Some(&p.progress) => {
+                            let event = progress_event(&p.progress);
+                            self.last_progress = Some(p.progress);
+                            return Some((Ok(event), self));
+                        }
                         Some(Err(RecvError::Closed)) => self.progress = None,
                         // Lagged progress is simply skipped: the next report supersedes it.
                         _ => {}
@@ -232,6 +241,7 @@ async fn status_stream(
         id,
         rx,
         initial_progress,
+        last_progress: None,
         progress,
         pending: Default::default(),
         last: last_event_id(&headers),

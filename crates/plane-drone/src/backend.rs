@@ -126,7 +126,10 @@ enum Interrupt {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// Load-progress reports go out at most this often per backend.
+/// While hard-terminating, SIGKILL is sent again this often until the exit is seen.
+const RESEND_KILL_EVERY: Duration = Duration::from_secs(5);
+
+/// Load-progress reports go out at most this often per backend (the latest one wins).
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The first metrics sample of a running backend is taken at most this long after it
@@ -149,6 +152,8 @@ pub(crate) struct BackendTask {
     startup_deadline: Option<Instant>,
     /// While soft-terminating: when SIGKILL follows.
     grace_deadline: Option<Instant>,
+    /// When SIGKILL was last sent.
+    last_kill: Option<Instant>,
     commands: mpsc::UnboundedReceiver<BackendCommand>,
     commands_open: bool,
     cancel: CancellationToken,
@@ -220,6 +225,7 @@ impl BackendTask {
             termination,
             startup_deadline: None,
             grace_deadline: None,
+            last_kill: None,
             commands,
             commands_open: true,
             cancel,
@@ -282,23 +288,32 @@ impl BackendTask {
         let prepare = {
             let runtime = self.runtime.clone();
             let spec = spec.clone();
+            let (progress_tx, mut progress_rx) = tokio::sync::watch::channel(None::<LoadProgress>);
             let outgoing = self.ctx.outgoing.clone();
+            let backend_id = spec.backend_id.clone();
+            // Forwards the latest report at most once per PROGRESS_INTERVAL; whatever came
+            // in meanwhile is folded into the next one, and the last one always goes out
+            // (the loop ends once `prepare` has dropped the sender and it was sent).
+            tokio::spawn(async move {
+                while progress_rx.changed().await.is_ok() {
+                    let latest = progress_rx.borrow_and_update().clone();
+                    if let Some(progress) = latest {
+                        let message = DroneToController::LoadProgress {
+                            backend_id: backend_id.clone(),
+                            progress,
+                        };
+                        if outgoing.send(Outgoing::Transient(message)).is_err() {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(PROGRESS_INTERVAL).await;
+                }
+            });
             async move {
                 let backend_id = spec.backend_id.clone();
-                let last_sent = std::sync::Mutex::new(None::<Instant>);
                 let progress = move |p: LoadProgress| {
                     debug!(%backend_id, message = %p.message, fraction = ?p.fraction, "loading");
-                    // At most one report per PROGRESS_INTERVAL, but always the last one.
-                    let now = Instant::now();
-                    let mut last = last_sent.lock().unwrap_or_else(|e| e.into_inner());
-                    let done = p.fraction.is_some_and(|f| f >= 1.0);
-                    if done || last.is_none_or(|t| now.duration_since(t) >= PROGRESS_INTERVAL) {
-                        *last = Some(now);
-                        let _ = outgoing.send(Outgoing::Transient(DroneToController::LoadProgress {
-                            backend_id: backend_id.clone(),
-                            progress: p,
-                        }));
-                    }
+                    let _ = progress_tx.send(Some(p));
                 };
                 runtime.prepare(&spec, &progress).await
             }
@@ -321,16 +336,20 @@ impl BackendTask {
 
         self.transition(StatusUpdate::new(BackendStatus::Starting)).await;
         let startup_deadline = Instant::now() + self.ctx.timings.startup_timeout;
-        // Not interrupted midway: a half-started backend could not be found again.
+        // A start cut short by the timeout may leave a half-started backend behind: the
+        // runtime then cleans up by the backend's id.
         let started = match tokio::time::timeout_at(startup_deadline, self.runtime.start(&spec)).await {
             Ok(Ok(started)) => started,
             Ok(Err(err)) => {
                 warn!(backend_id = %self.id, %err, "backend failed to start");
+                self.abandon().await;
                 self.finish_unstarted(TerminationReason::InternalError, None, Some(err.to_string()))
                     .await;
                 return;
             }
             Err(_) => {
+                warn!(backend_id = %self.id, "the runtime did not start the backend within the startup timeout");
+                self.abandon().await;
                 let message = Some("the runtime did not start the backend in time".to_owned());
                 self.finish_unstarted(TerminationReason::StartupTimeout, Some(TerminationKind::Hard), message)
                     .await;
@@ -366,15 +385,31 @@ impl BackendTask {
 
     async fn run_recovered(&mut self) {
         info!(backend_id = %self.id, status = %self.status, "resuming a backend recorded by an earlier run");
-        let adopted = match &self.handle {
-            Some(handle) => match self.runtime.adopt(&self.id, handle).await {
-                Ok(a) => a,
-                Err(err) => {
-                    warn!(backend_id = %self.id, %err, "could not check the backend; treating it as gone");
-                    Adoption::Gone
+        let adopted = match self.handle.clone() {
+            Some(handle) => {
+                // A failed check (the engine restarting, say) proves nothing: calling the
+                // backend gone could leave it running while its key moves on. Retry
+                // until the runtime answers; the lease meanwhile runs out on its own.
+                let mut delay = Duration::from_millis(200);
+                loop {
+                    match self.runtime.adopt(&self.id, &handle).await {
+                        Ok(a) => break a,
+                        Err(err) => {
+                            warn!(backend_id = %self.id, %err, ?delay, "could not check the backend; retrying");
+                            tokio::select! {
+                                _ = self.cancel.cancelled() => return,
+                                _ = tokio::time::sleep(delay) => {}
+                            }
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
                 }
-            },
-            None => Adoption::Gone,
+            }
+            None => {
+                // The drone stopped during `start`, before recording the handle.
+                self.abandon().await;
+                Adoption::Gone
+            }
         };
 
         if self.status < BackendStatus::Ready {
@@ -474,6 +509,10 @@ impl BackendTask {
                 && self.status < BackendStatus::HardTerminating
                 && sampling.is_none())
             .then_some(next_metrics);
+            // A SIGKILL that did not take (the engine was unreachable, say) is sent again
+            // until the exit is seen.
+            let kill_due = (self.status == BackendStatus::HardTerminating)
+                .then(|| self.last_kill.unwrap_or_else(Instant::now) + RESEND_KILL_EVERY);
             let wake = self.lease_wakeup();
             let startup_deadline = self.startup_deadline;
             let grace_deadline = self.grace_deadline;
@@ -525,6 +564,10 @@ impl BackendTask {
                         self.stop(&handle, kind, reason).await;
                     }
                 }
+                _ = sleep_until_opt(kill_due) => {
+                    warn!(backend_id = %self.id, "the backend has not exited since SIGKILL; sending it again");
+                    self.send_signal(&handle, StopSignal::Kill).await;
+                }
                 _ = sleep_until_opt(metrics_due) => {
                     let runtime = self.runtime.clone();
                     let handle = handle.clone();
@@ -544,7 +587,17 @@ impl BackendTask {
         }
     }
 
-    async fn send_signal(&self, handle: &RuntimeHandle, signal: StopSignal) {
+    /// Asks the runtime to clean up whatever a failed or interrupted start left behind.
+    async fn abandon(&self) {
+        if let Err(err) = self.runtime.abandon(&self.id).await {
+            error!(backend_id = %self.id, %err, "could not clean up after a failed start; the backend may still run");
+        }
+    }
+
+    async fn send_signal(&mut self, handle: &RuntimeHandle, signal: StopSignal) {
+        if signal == StopSignal::Kill {
+            self.last_kill = Some(Instant::now());
+        }
         if let Err(err) = self.runtime.signal(handle, signal).await {
             error!(backend_id = %self.id, ?signal, %err, "could not signal the backend");
         }
@@ -559,6 +612,10 @@ impl BackendTask {
         };
         if self.status >= status {
             debug!(backend_id = %self.id, ?kind, ?reason, status = %self.status, "already terminating");
+            if kind == TerminationKind::Hard {
+                // Asked again: the last SIGKILL may not have reached the backend.
+                self.send_signal(handle, StopSignal::Kill).await;
+            }
             return;
         }
         self.termination = Some((kind, reason));

@@ -12,7 +12,7 @@ use plane_types::executable::RuntimeKind;
 use plane_types::names::BackendName;
 use plane_types::protocol::{ControllerToDrone, SpawnAction};
 use plane_types::status::{BackendStatus, TerminationKind, TerminationReason};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -22,6 +22,10 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 /// How long shutdown waits for backend tasks to notice it before aborting them.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// How long the startup search for unknown backends may take before the drone connects
+/// anyway.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The backends of one drone run.
 pub(crate) struct Drone {
@@ -71,6 +75,9 @@ impl Drone {
     pub(crate) async fn recover(&mut self) -> Result<usize, StateError> {
         let records = self.ctx.store.live_backends().await?;
         let count = records.len();
+        // Only live records count: a running container whose record says it terminated
+        // (say, a start that timed out) must be stopped too.
+        let known: HashSet<BackendName> = records.iter().map(|r| r.backend_id.clone()).collect();
         for record in records {
             let kind = record
                 .handle
@@ -92,10 +99,19 @@ impl Drone {
         if count > 0 {
             info!(count, "resumed backends recorded by an earlier run");
         }
-        let known = self.ctx.store.backend_ids().await?;
+        // Before connecting (no new backend may start meanwhile, or it would look unknown),
+        // but bounded: a slow engine must not keep the drone from renewing its leases.
         for runtime in &self.runtimes {
-            if let Err(err) = runtime.reconcile(&known).await {
-                warn!(runtime = %runtime.kind(), %err, "could not look for backends the state store does not know");
+            match tokio::time::timeout(RECONCILE_TIMEOUT, runtime.reconcile(&known)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    warn!(runtime = %runtime.kind(), %err, "could not look for backends the state store does not know")
+                }
+                Err(_) => warn!(
+                    runtime = %runtime.kind(),
+                    timeout = ?RECONCILE_TIMEOUT,
+                    "gave up looking for backends the state store does not know; the engine is slow"
+                ),
             }
         }
         Ok(count)

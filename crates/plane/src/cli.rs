@@ -449,7 +449,7 @@ async fn connect(client: &PlaneClient, args: &ConnectArgs) -> anyhow::Result<()>
         Ok(())
     } else {
         bail!(
-            "backend {} {} before it became ready",
+            "backend {} ended before it became ready: {}",
             response.backend_id,
             describe_entry(&last)
         )
@@ -618,10 +618,10 @@ fn describe_entry(entry: &StatusEntry) -> String {
     if let Some(kind) = entry.termination_kind {
         details.push(kind.as_str().to_owned());
     }
-    match entry.exit_error {
-        Some(true) => details.push("exited with an error".to_owned()),
-        Some(false) => details.push("exited cleanly".to_owned()),
-        None => {}
+    // `exit_error: false` also covers "no exit code" (a backend that never ran), so
+    // only an error is worth saying.
+    if entry.exit_error == Some(true) {
+        details.push("exited with an error".to_owned());
     }
     let mut text = if details.is_empty() {
         entry.status.to_string()
@@ -998,7 +998,13 @@ mod tests {
         e.termination_reason = Some(TerminationReason::Swept);
         e.termination_kind = Some(TerminationKind::Soft);
         e.exit_error = Some(false);
-        assert_eq!(describe_entry(&e), "terminated (reason swept, soft, exited cleanly)");
+        assert_eq!(describe_entry(&e), "terminated (reason swept, soft)");
+        e.exit_error = Some(true);
+        e.message = Some("exited with code 3".into());
+        assert_eq!(
+            describe_entry(&e),
+            "terminated (reason swept, soft, exited with an error): exited with code 3"
+        );
     }
 
     #[test]

@@ -187,6 +187,14 @@ pub trait Runtime: Send + Sync + 'static {
     /// runtime tracks it again (`signal` and `wait_exit` work on it).
     async fn adopt(&self, backend_id: &BackendName, handle: &RuntimeHandle) -> Result<Adoption, RuntimeError>;
 
+    /// Makes sure nothing is left running of a backend whose `start` failed, timed out
+    /// (and was dropped midway), or whose handle was never recorded (the drone died
+    /// during `start`). Runtimes that can find a backend without its handle (Docker, by
+    /// its container name and labels) stop and remove it; others do nothing.
+    async fn abandon(&self, _backend_id: &BackendName) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
     /// One resource-use sample of a running backend, if this runtime can take one. The
     /// caller bounds the rate (one call per backend per metrics interval).
     async fn metrics(&self, _handle: &RuntimeHandle) -> Option<BackendMetrics> {

@@ -55,6 +55,9 @@ fn stopped_at(container: &ContainerInspectResponse) -> Option<i64> {
 
 /// One cleanup pass.
 pub(super) async fn pass(inner: &Inner) {
+    // The events stream can drop events for a slow reader without ending; a periodic
+    // look at every tracked container bounds how long a missed exit goes unseen.
+    super::events::reconcile(inner).await;
     remove_stopped_containers(inner).await;
     if inner.config.prune_images {
         prune_images(inner).await;

@@ -258,10 +258,13 @@ pub fn exit_info(code: i64, oom_killed: bool) -> ExitInfo {
 pub fn exit_from_inspect(container: &ContainerInspectResponse) -> Option<ExitInfo> {
     let state = container.state.as_ref()?;
     match state.status {
-        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD) => Some(exit_info(
-            state.exit_code.unwrap_or(-1),
-            state.oom_killed.unwrap_or(false),
-        )),
+        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD) => Some(match state.exit_code {
+            Some(code) => exit_info(code, state.oom_killed.unwrap_or(false)),
+            None => ExitInfo {
+                exit_code: None,
+                detail: Some("stopped; the engine did not say with which exit code".into()),
+            },
+        }),
         _ => None,
     }
 }

@@ -456,6 +456,12 @@ impl Runtime for DockerRuntime {
         })
     }
 
+    async fn abandon(&self, backend_id: &BackendName) -> Result<(), RuntimeError> {
+        let name = container::container_name(backend_id);
+        // Removes it only if it is this drone's container for this backend.
+        self.remove_leftover(&name, backend_id).await
+    }
+
     async fn wait_ready(&self, _handle: &RuntimeHandle, address: SocketAddr) -> Result<(), RuntimeError> {
         wait_for_http(address).await;
         Ok(())

@@ -43,20 +43,17 @@ pub(super) async fn ensure_image(
 ) -> Result<(), RuntimeError> {
     let image = exe.image.as_str();
     let policy = exe.pull_policy.unwrap_or_default();
-    let present = match policy {
-        PullPolicy::Always => false,
-        PullPolicy::IfNotPresent | PullPolicy::Never => match inner.docker.inspect_image(image).await {
-            Ok(_) => true,
-            Err(e) if status_of(&e) == Some(404) => false,
-            Err(e) => {
-                return Err(RuntimeError::Other(format!(
-                    "checking for image {image}: {}",
-                    engine_message(&e)
-                )))
-            }
-        },
+    let present = match inner.docker.inspect_image(image).await {
+        Ok(_) => true,
+        Err(e) if status_of(&e) == Some(404) => false,
+        Err(e) => {
+            return Err(RuntimeError::Other(format!(
+                "checking for image {image}: {}",
+                engine_message(&e)
+            )))
+        }
     };
-    if present {
+    if present && policy != PullPolicy::Always {
         if inner.config.prune_images {
             if let Some(store) = &inner.store {
                 if let Err(err) = store.touch_pulled_image(image).await {
@@ -71,12 +68,14 @@ pub(super) async fn ensure_image(
             "image {image} is not present on this drone and pull_policy is Never"
         )));
     }
-    pull(inner, exe, progress).await
+    pull(inner, exe, present, progress).await
 }
 
+/// Pulls `exe.image`; `present` says whether it was already there before.
 async fn pull(
     inner: &Inner,
     exe: &DockerExecutable,
+    present: bool,
     progress: &(dyn Fn(LoadProgress) + Send + Sync),
 ) -> Result<(), RuntimeError> {
     let image = exe.image.as_str();
@@ -117,8 +116,15 @@ async fn pull(
     done.fraction = Some(1.0);
     progress(done);
     debug!(%image, elapsed = ?begun.elapsed(), "image pulled");
-    if let (Some(store), Some(id)) = (&inner.store, inspected.id.as_deref()) {
-        if let Err(err) = store.record_pulled_image(image, id).await {
+    // Only an image that was not here before counts as pulled by Plane (and may be
+    // pruned): one the operator had pulled is left alone, only its use is noted if this
+    // drone had recorded it earlier.
+    if let Some(store) = &inner.store {
+        let recorded = match (present, inspected.id.as_deref()) {
+            (false, Some(id)) => store.record_pulled_image(image, id).await,
+            _ => store.touch_pulled_image(image).await,
+        };
+        if let Err(err) = recorded {
             warn!(%image, %err, "could not record a pulled image; it will not be pruned");
         }
     }
