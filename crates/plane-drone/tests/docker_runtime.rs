@@ -34,14 +34,6 @@ fn init_logs() {
         .try_init();
 }
 
-/// The demo image; panics (the test fails) if Docker is unreachable.
-async fn demo_image() -> String {
-    plane_test_image::require_docker().expect("these tests need a Docker engine");
-    plane_test_image::demo_image_async()
-        .await
-        .expect("building the demo backend image")
-}
-
 fn engine() -> Docker {
     Docker::connect_with_defaults().expect("a Docker client")
 }
@@ -83,7 +75,7 @@ struct Fixture {
 impl Fixture {
     async fn new() -> Fixture {
         init_logs();
-        let image = demo_image().await;
+        let image = plane_test_image::test_image().await;
         let drone = DroneName::new_random();
         Fixture {
             image,
@@ -717,6 +709,31 @@ async fn a_leftover_container_of_the_same_backend_is_replaced() {
         "{err}"
     );
     assert!(engine().inspect_container(&name, None).await.is_ok());
+}
+
+#[tokio::test]
+async fn abandoning_a_start_removes_only_this_backends_container() {
+    let fx = Fixture::new().await;
+    let rt = fx.runtime().await;
+    let spec = fx.spec(serde_json::json!({}));
+    rt.prepare(&spec, &no_progress).await.unwrap();
+    // As if the start had been cut short after the engine created and started it.
+    let started = rt.start(&spec).await.unwrap();
+    let id = handle_of(&started.handle).container_id.clone();
+    assert_eq!(engine_state(&id).await.map(|s| s.0), Some(true));
+    rt.abandon(&spec.backend_id).await.unwrap();
+    assert_eq!(engine_state(&id).await, None, "the half-started container is removed");
+    // Nothing to abandon is fine.
+    rt.abandon(&spec.backend_id).await.unwrap();
+
+    // A container with the backend's name that is not this drone's is left alone.
+    let other = fx.spec(serde_json::json!({}));
+    let name = format!("plane-{}", other.backend_id);
+    let out = docker_cli(&["create", "--name", &name, &fx.image]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(rt.abandon(&other.backend_id).await.is_err());
+    assert!(engine().inspect_container(&name, None).await.is_ok());
+    let _ = docker_cli(&["rm", "-f", &name]);
 }
 
 #[tokio::test]

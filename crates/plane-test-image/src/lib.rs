@@ -107,6 +107,18 @@ pub async fn demo_image_async() -> anyhow::Result<String> {
         .context("the image build task panicked")?
 }
 
+/// For tests: checks the engine ([`require_docker`]) and returns the image, panicking
+/// with the cause otherwise, so that a Docker test fails (never skips) without Docker.
+pub async fn test_image() -> String {
+    if let Err(err) = require_docker() {
+        panic!("{err:#}");
+    }
+    match demo_image_async().await {
+        Ok(image) => image,
+        Err(err) => panic!("building the demo backend image: {err:#}"),
+    }
+}
+
 /// Checks that a Docker engine answers through the `docker` command, and returns an error
 /// that says so otherwise. Docker tests call it first, so that they fail (they do not
 /// skip) with a clear reason on a machine without Docker.

@@ -9,13 +9,6 @@ use std::time::Duration;
 /// The longest any step may take.
 const LIMIT: Duration = Duration::from_secs(60);
 
-async fn demo_image() -> String {
-    plane_test_image::require_docker().expect("these tests need a Docker engine");
-    plane_test_image::demo_image_async()
-        .await
-        .expect("building the demo backend image")
-}
-
 /// Removes an image reference when dropped.
 struct RemoveImage(String);
 
@@ -29,7 +22,7 @@ impl Drop for RemoveImage {
 
 #[tokio::test]
 async fn docker_pull_waits_at_the_hold_then_completes() {
-    let image = demo_image().await;
+    let image = plane_test_image::test_image().await;
     let options = RegistryOptions {
         hold_extra_layer_at: Some(512 << 10),
         ..RegistryOptions::default()
@@ -87,7 +80,7 @@ async fn docker_pull_waits_at_the_hold_then_completes() {
 
 #[tokio::test]
 async fn basic_auth_digests_and_ranges_over_http() {
-    let image = demo_image().await;
+    let image = plane_test_image::test_image().await;
     let registry = TestRegistry::start(&image, "plane-test/http", Some(("user", "secret")))
         .await
         .unwrap();

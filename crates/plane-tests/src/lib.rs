@@ -121,6 +121,15 @@ pub struct TestCluster {
     dir: tempfile::TempDir,
 }
 
+/// A loopback TCP port that was free a moment ago (for programs that must be told
+/// their port, such as `plane dev`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// Installs a test log subscriber once (`RUST_LOG` to see logs).
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()

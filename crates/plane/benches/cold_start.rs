@@ -10,6 +10,9 @@
 //! Run: `cargo bench -p plane --bench cold_start` (`PLANE_BENCH_SPAWNS`, default 200;
 //! `PLANE_BENCH_REQUESTS`, default 2000).
 
+mod common;
+
+use common::{summarize, Summary};
 use plane_tests::{Options, TestCluster};
 use plane_types::status::BackendStatus;
 use std::process::Stdio;
@@ -19,44 +22,10 @@ fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-struct Summary {
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    mean: f64,
-    n: usize,
-}
-
-fn summarize(mut ms: Vec<f64>) -> Summary {
-    ms.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
-    Summary {
-        p50: at(0.5),
-        p90: at(0.9),
-        p99: at(0.99),
-        mean: ms.iter().sum::<f64>() / ms.len() as f64,
-        n: ms.len(),
-    }
-}
-
-fn print(name: &str, s: &Summary) {
-    println!(
-        "{name:<40} n={:<5} p50={:>8.3} ms  p90={:>8.3} ms  p99={:>8.3} ms  mean={:>8.3} ms",
-        s.n, s.p50, s.p90, s.p99, s.mean
-    );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// Spawns the demo backend directly and polls until it answers HTTP (the floor any
 /// orchestrator pays on this machine).
 async fn baseline_spawn(binary: &str) -> f64 {
-    let port = free_port();
+    let port = plane_tests::free_port();
     let start = Instant::now();
     let mut child = tokio::process::Command::new(binary)
         .arg("demo-backend")
@@ -113,8 +82,8 @@ async fn main() -> anyhow::Result<()> {
     let plane = summarize(plane_ms);
     let base = summarize(base_ms);
     println!("\ncold start, demo backend, process runtime");
-    print("plane: connect -> ready", &plane);
-    print("baseline: spawn -> answers HTTP", &base);
+    print_ms("plane: connect -> ready", &plane);
+    print_ms("baseline: spawn -> answers HTTP", &base);
     println!(
         "{:<40} p50 x{:.2}  p99 x{:.2}",
         "ratio plane/baseline",
@@ -150,8 +119,8 @@ async fn main() -> anyhow::Result<()> {
     let p = summarize(via_proxy);
     let d = summarize(straight);
     println!("\nHTTP GET latency, kept-alive connections");
-    print("through the proxy", &p);
-    print("baseline: direct to backend", &d);
+    print_ms("through the proxy", &p);
+    print_ms("baseline: direct to backend", &d);
     println!(
         "{:<40} p50 x{:.2}  p99 x{:.2}",
         "ratio proxy/direct",
@@ -161,4 +130,8 @@ async fn main() -> anyhow::Result<()> {
     tc.client.hard_terminate(&res.backend_id).await?;
     tc.wait_status(&res.backend_id, BackendStatus::Terminated).await?;
     tc.shutdown().await
+}
+
+fn print_ms(name: &str, s: &Summary) {
+    common::print(name, s, 3);
 }

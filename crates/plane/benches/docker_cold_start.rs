@@ -13,45 +13,14 @@
 //! `cargo bench -p plane --bench docker_cold_start` (`PLANE_BENCH_DOCKER_SPAWNS`,
 //! default 60).
 
+mod common;
+
+use common::{summarize, Summary};
 use plane_drone::config::DockerRuntimeConfig;
 use plane_tests::{Options, TestCluster};
 use plane_types::status::BackendStatus;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-struct Summary {
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    mean: f64,
-    n: usize,
-}
-
-fn summarize(mut ms: Vec<f64>) -> Summary {
-    ms.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
-    Summary {
-        p50: at(0.5),
-        p90: at(0.9),
-        p99: at(0.99),
-        mean: ms.iter().sum::<f64>() / ms.len() as f64,
-        n: ms.len(),
-    }
-}
-
-fn print(name: &str, s: &Summary) {
-    println!(
-        "{name:<40} n={:<5} p50={:>8.1} ms  p90={:>8.1} ms  p99={:>8.1} ms  mean={:>8.1} ms",
-        s.n, s.p50, s.p90, s.p99, s.mean
-    );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 async fn docker(args: &[&str]) -> anyhow::Result<String> {
     let out = tokio::process::Command::new("docker").args(args).output().await?;
@@ -66,7 +35,7 @@ async fn docker(args: &[&str]) -> anyhow::Result<String> {
 /// `docker run -d` → the published port answers HTTP; returns the time and the
 /// container id.
 async fn baseline_run(image: &str) -> anyhow::Result<(f64, String)> {
-    let port = free_port();
+    let port = plane_tests::free_port();
     let publish = format!("127.0.0.1:{port}:8080");
     let start = Instant::now();
     let run = tokio::process::Command::new("docker")
@@ -156,8 +125,8 @@ async fn main() -> anyhow::Result<()> {
     let plane = summarize(plane_ms);
     let base = summarize(base_ms);
     println!("\ncold start, demo image (FROM scratch, cached), Docker runtime");
-    print("plane: connect -> ready", &plane);
-    print("baseline: docker run -> answers HTTP", &base);
+    print_ms("plane: connect -> ready", &plane);
+    print_ms("baseline: docker run -> answers HTTP", &base);
     println!(
         "{:<40} p50 {:+.1} ms  p99 {:+.1} ms  (p50 x{:.2})",
         "overhead plane - baseline",
@@ -166,4 +135,8 @@ async fn main() -> anyhow::Result<()> {
         plane.p50 / base.p50
     );
     tc.shutdown().await
+}
+
+fn print_ms(name: &str, s: &Summary) {
+    common::print(name, s, 1);
 }

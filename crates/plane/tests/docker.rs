@@ -16,15 +16,6 @@ use std::time::{Duration, Instant};
 
 const PLANE: &str = env!("CARGO_BIN_EXE_plane");
 
-/// The test image (built once per test binary, shared across test binaries).
-async fn image() -> String {
-    plane_test_image::require_docker().expect("these tests need a Docker engine");
-    tokio::task::spawn_blocking(plane_test_image::demo_image)
-        .await
-        .expect("image build task")
-        .expect("building the test image")
-}
-
 fn docker(args: &[&str]) -> Output {
     Command::new("docker").args(args).output().expect("run docker")
 }
@@ -78,7 +69,7 @@ async fn drone_name(tc: &TestCluster) -> DroneName {
 
 impl DockerCluster {
     async fn start(configure: impl FnOnce(&mut Options)) -> DockerCluster {
-        let image = image().await;
+        let image = plane_test_image::test_image().await;
         let mounts = tempfile::tempdir().unwrap();
         let mut options = Options::new(PLANE);
         options.docker = Some(docker_config(mounts.path()));
@@ -453,7 +444,7 @@ async fn key_fencing_token(tc: &TestCluster, id: &BackendName) -> Option<i64> {
 
 #[tokio::test]
 async fn a_drone_killed_with_sigkill_readopts_its_containers() {
-    let image = image().await;
+    let image = plane_test_image::test_image().await;
     let mounts = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut options = Options::new(PLANE);

@@ -27,14 +27,6 @@ const PLANE: &str = env!("CARGO_BIN_EXE_plane");
 /// The longest any single step may take.
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// The demo image; fails the test if Docker is unreachable.
-async fn demo_image() -> String {
-    plane_test_image::require_docker().expect("these tests need a Docker engine");
-    plane_test_image::demo_image_async()
-        .await
-        .expect("building the demo backend image")
-}
-
 /// Runs `plane --controller <controller> <args>` to the end.
 async fn plane(controller: &str, args: &[&str]) -> Output {
     let run = tokio::process::Command::new(PLANE)
@@ -163,7 +155,7 @@ fn field<'a>(lines: &'a [String], name: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plane_connect_shows_pull_progress_and_registry_errors() {
-    let image = demo_image().await;
+    let image = plane_test_image::test_image().await;
     let registry = TestRegistry::start_with(
         &image,
         "plane-test/demo",
@@ -318,19 +310,11 @@ struct Dev {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Dev {
     /// Starts `plane dev` with `extra` flags, and waits for its banner.
     async fn start(extra: &[&str]) -> Dev {
         let dir = tempfile::tempdir().unwrap();
-        let (controller_port, proxy_port) = (free_port(), free_port());
+        let (controller_port, proxy_port) = (plane_tests::free_port(), plane_tests::free_port());
         let log = dir.path().join("dev.log");
         let mut child = std::process::Command::new(PLANE)
             .args(["dev", "--controller-port", &controller_port.to_string()])
@@ -482,7 +466,7 @@ async fn fetch(http: &reqwest::Client, url: &str) -> (u16, String) {
 
 #[tokio::test]
 async fn plane_dev_runs_docker_and_process_backends_side_by_side() {
-    let image = demo_image().await;
+    let image = plane_test_image::test_image().await;
     let mut dev = Dev::start(&[]).await;
     let (drone, runtimes) = dev.drone().await;
     let _containers = Containers(drone.clone());

@@ -8,14 +8,6 @@ use std::time::{Duration, Instant};
 
 const PLANE: &str = env!("CARGO_BIN_EXE_plane");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Stops `plane dev` (SIGTERM) when the test ends, even on failure.
 struct Dev(Child);
 
@@ -45,7 +37,7 @@ fn plane(controller: &str, args: &[&str]) -> std::process::Output {
 #[tokio::test]
 async fn plane_dev_connect_fetch_terminate() {
     let dir = tempfile::tempdir().unwrap();
-    let (cport, pport) = (free_port(), free_port());
+    let (cport, pport) = (plane_tests::free_port(), plane_tests::free_port());
     let mut child = Command::new(PLANE)
         .args([
             "dev",
