@@ -230,6 +230,13 @@ impl DockerExecutable {
             if network.is_empty() {
                 return Err("`network_name` must not be empty".into());
             }
+            // Network modes that are not networks: sharing the host's or another
+            // container's network namespace would bypass the drone's isolation.
+            if matches!(network.as_str(), "host" | "none") || network.starts_with("container:") {
+                return Err(format!(
+                    "`network_name` {network:?} is a network mode, not a network Plane can use"
+                ));
+            }
         }
         if let Some(pct) = self.resource_limits.cpu_period_percent {
             if pct == 0 || pct > 100 {
@@ -270,6 +277,8 @@ mod tests {
             json!({"image": "x", "command": []}),
             json!({"image": "x", "entrypoint": "sh"}),
             json!({"image": "x", "network_name": ""}),
+            json!({"image": "x", "network_name": "host"}),
+            json!({"image": "x", "network_name": "container:plane-other"}),
             json!({"image": "x", "mount": "a/../../etc"}),
             json!({"image": "x", "resource_limits": {"memory_limit_bytes": "lots"}}),
         ] {

@@ -65,6 +65,9 @@ const REQUEST_TIMEOUT_SECS: u64 = 120;
 /// How long a metrics sample may take.
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long sending a signal may take.
+const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What identifies a backend's container across drone restarts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DockerHandle {
@@ -479,16 +482,18 @@ impl Runtime for DockerRuntime {
         let options = KillContainerOptions {
             signal: name.to_owned(),
         };
-        match self
-            .inner
-            .docker
-            .kill_container(&handle.container_id, Some(options))
-            .await
-        {
-            Ok(()) => Ok(()),
+        // Bounded well below the request timeout: the backend task waits on this, and a
+        // SIGKILL that did not arrive is sent again.
+        let kill = self.inner.docker.kill_container(&handle.container_id, Some(options));
+        match tokio::time::timeout(SIGNAL_TIMEOUT, kill).await {
+            Ok(Ok(())) => Ok(()),
             // Gone, or not running: nothing to signal.
-            Err(err) if matches!(status_of(&err), Some(404 | 409)) => Ok(()),
-            Err(err) => Err(engine_err(format!("sending {name} to container {}", handle.name), &err)),
+            Ok(Err(err)) if matches!(status_of(&err), Some(404 | 409)) => Ok(()),
+            Ok(Err(err)) => Err(engine_err(format!("sending {name} to container {}", handle.name), &err)),
+            Err(_) => Err(RuntimeError::Other(format!(
+                "sending {name} to container {}: the engine did not answer within {SIGNAL_TIMEOUT:?}",
+                handle.name
+            ))),
         }
     }
 
