@@ -93,6 +93,17 @@ async fn drone_name(config: &DroneConfig, store: &StateStore) -> anyhow::Result<
         (Some(name), Some(stored)) if *name == stored => return Ok(stored),
         (Some(name), stored) => {
             if let Some(stored) = stored {
+                // Backends are labelled with the drone's name and the controller knows
+                // them by it: renaming a drone that still runs some would orphan them.
+                let live = store.live_backends().await.context("reading the backend records")?;
+                if !live.is_empty() {
+                    anyhow::bail!(
+                        "the state store {} belongs to drone {stored}, which still runs {} backend(s); \
+                         starting it as {name} would orphan them (start it as {stored}, or terminate them first)",
+                        config.db_path.display(),
+                        live.len()
+                    );
+                }
                 warn!(%stored, configured = %name, "the configured drone name differs from the stored one; using the configured name");
             }
             name.clone()

@@ -657,6 +657,28 @@ fn drone_config(controller: &ScriptedController, dir: &TempDir) -> DroneConfig {
 }
 
 #[tokio::test]
+async fn a_drone_with_live_backends_refuses_to_be_renamed() {
+    let dir = TempDir::new("rename");
+    let controller = ScriptedController::bind().await;
+    let mut config = drone_config(&controller, &dir);
+    config.name = Some("dr-first".parse().unwrap());
+    {
+        let store = StateStore::open(&config.db_path).await.unwrap();
+        store.set_drone_name(&"dr-first".parse().unwrap()).await.unwrap();
+        let spawn = spawn_action("still-running", &["sleep", "100"], far_deadlines());
+        assert!(store.insert_backend(&spawn).await.unwrap());
+        store.close().await;
+    }
+    config.name = Some("dr-second".parse().unwrap());
+    let err = crate::run(config, CancellationToken::new()).await.unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("belongs to drone dr-first") && text.contains("would orphan"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn run_speaks_the_protocol_and_resends_unacked_events() {
     let dir = TempDir::new("run-protocol");
     let controller = ScriptedController::bind().await;

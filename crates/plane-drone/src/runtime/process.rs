@@ -61,8 +61,8 @@ pub struct ProcessRuntime {
     config: ProcessRuntimeConfig,
     patterns: Vec<glob::Pattern>,
     children: Arc<Mutex<HashMap<u32, OwnedChild>>>,
-    /// The previous CPU sample per backend pid, for `cpu_percent`.
-    samples: Mutex<HashMap<u32, (std::time::Instant, u64)>>,
+    /// The previous CPU sample per backend process, for `cpu_percent`.
+    samples: Mutex<HashMap<(u32, u64), (std::time::Instant, u64)>>,
     /// Stops the tasks that wait for children; cancelled on drop too.
     cancel: CancellationToken,
 }
@@ -534,7 +534,8 @@ impl Runtime for ProcessRuntime {
             let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
             // Samples of backends gone long ago (their pids may be reused) are dropped.
             samples.retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(3600));
-            samples.insert(handle.pid, (now, usage.cpu_nanos))
+            // Keyed by pid and start time: a reused pid is another backend.
+            samples.insert((handle.pid, handle.start_time), (now, usage.cpu_nanos))
         };
         let cpu_percent = previous.and_then(|(at, nanos)| {
             let wall = now.duration_since(at).as_nanos() as f64;
