@@ -3,11 +3,13 @@
 //! Layout:
 //! * this file: the [`Store`] trait and the plain records it speaks;
 //! * [`sqlite`]: the embedded SQLite implementation (with migrations);
+//! * [`postgres`]: the PostgreSQL implementation, for controllers sharing one database
+//!   (with its own migrations, `migrations/postgres`);
 //! * [`conformance`]: a test suite written against the trait, run for every implementation.
 //!
 //! **Architecture invariant:** only the controller uses this crate (DESIGN §5.4), and
-//! controller logic speaks only the [`Store`] trait, so a PostgreSQL implementation
-//! needs no change outside this crate. Every method is one atomic step; times in rows
+//! controller logic speaks only the [`Store`] trait, so the PostgreSQL implementation
+//! needed no change outside this crate. Every method is one atomic step; times in rows
 //! are in the store's clock.
 //!
 //! **Architecture invariant:** the `backend_key` table has one row per (namespace, key
@@ -15,6 +17,7 @@
 //! only when its backend is terminated or its lease has expired.
 
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -55,6 +55,9 @@ pub struct Options {
     pub keepalive_interval: Duration,
     /// The drone's Docker runtime, if it should offer one.
     pub docker: Option<DockerRuntimeConfig>,
+    /// The controller's store: this PostgreSQL URL, or (`None`) a SQLite file in the
+    /// cluster's directory.
+    pub postgres_url: Option<String>,
 }
 
 impl Options {
@@ -71,6 +74,7 @@ impl Options {
             route_wait: Duration::from_secs(10),
             keepalive_interval: Duration::from_millis(100),
             docker: None,
+            postgres_url: None,
         }
     }
 }
@@ -143,7 +147,10 @@ impl TestCluster {
     pub async fn start(options: Options) -> anyhow::Result<TestCluster> {
         init_logging();
         let dir = tempfile::tempdir()?;
-        let store: SharedStore = Arc::new(SqliteStore::open(&dir.path().join("controller.db")).await?);
+        let store: SharedStore = match &options.postgres_url {
+            Some(url) => Arc::new(plane_store::postgres::PostgresStore::connect(url).await?),
+            None => Arc::new(SqliteStore::open(&dir.path().join("controller.db")).await?),
+        };
         let controller_listener = TcpListener::bind("127.0.0.1:0").await?;
         let controller_addr = controller_listener.local_addr()?;
         let proxy_listener = TcpListener::bind("127.0.0.1:0").await?;

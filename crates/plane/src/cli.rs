@@ -76,6 +76,8 @@ enum Command {
     Revoke(RevokeArgs),
     /// Run the bundled multiplayer demo backend on 0.0.0.0:$PORT (default 8080).
     DemoBackend,
+    /// Apply the store's migrations (the controller also does so when it starts).
+    Migrate(roles::MigrateArgs),
 }
 
 impl Cli {
@@ -83,9 +85,12 @@ impl Cli {
     /// for client commands.
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
-            Command::Controller(_) | Command::Drone(_) | Command::Proxy(_) | Command::Dev(_) | Command::DemoBackend => {
-                "info"
-            }
+            Command::Controller(_)
+            | Command::Drone(_)
+            | Command::Proxy(_)
+            | Command::Dev(_)
+            | Command::DemoBackend
+            | Command::Migrate(_) => "info",
             _ => "warn",
         }
     }
@@ -271,7 +276,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let global = cli.controller.as_deref();
     let is_role = matches!(
         cli.command,
-        Command::Controller(_) | Command::Drone(_) | Command::Proxy(_) | Command::Dev(_) | Command::DemoBackend
+        Command::Controller(_)
+            | Command::Drone(_)
+            | Command::Proxy(_)
+            | Command::Dev(_)
+            | Command::DemoBackend
+            | Command::Migrate(_)
     );
     if global.is_some() && is_role {
         bail!("`--controller` before the subcommand applies to client commands only");
@@ -282,6 +292,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proxy(args) => roles::run_proxy(args).await,
         Command::Dev(args) => roles::run_dev(args).await,
         Command::DemoBackend => plane_demo::run().await,
+        Command::Migrate(args) => roles::run_migrate(args).await,
         Command::Connect(args) => connect(&args.client.client(global)?, &args).await,
         Command::Status(args) => status(&args.client.client(global)?, &args).await,
         Command::Terminate(args) => {

@@ -12,6 +12,7 @@ use plane_controller::ControllerConfig;
 use plane_drone::config::{DockerAddressMode, DockerRuntimeConfig};
 use plane_drone::{DroneConfig, DroneTimings, ProcessRuntimeConfig};
 use plane_proxy::ProxyConfig;
+use plane_store::postgres::PostgresStore;
 use plane_store::sqlite::SqliteStore;
 use plane_store::SharedStore;
 use plane_types::api::{ConnectRequest, KeyConfig, SpawnConfig};
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 /// Flags of `plane controller`.
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
-    /// The store: a SQLite file path, or a `sqlite:` URL.
+    /// The store: a `postgres://` URL, a SQLite file path, or a `sqlite:` URL.
     #[arg(long, env = "PLANE_DB", default_value = "plane.db")]
     db: String,
     /// Address to bind.
@@ -243,9 +244,18 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+fn is_postgres(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
+
+/// Opens (and migrates) the store `db` names: a `postgres://` URL, a `sqlite:` URL or a
+/// SQLite file path.
 async fn open_store(db: &str) -> anyhow::Result<SharedStore> {
-    if db.starts_with("postgres://") || db.starts_with("postgresql://") {
-        bail!("PostgreSQL stores are not supported by this build yet; use a SQLite path");
+    if is_postgres(db) {
+        let store = PostgresStore::connect(db)
+            .await
+            .with_context(|| format!("cannot open the PostgreSQL store {}", redact_url(db)))?;
+        return Ok(Arc::new(store));
     }
     let store = if db.starts_with("sqlite:") {
         SqliteStore::open_url(db).await
@@ -254,6 +264,40 @@ async fn open_store(db: &str) -> anyhow::Result<SharedStore> {
     }
     .with_context(|| format!("cannot open the store {db:?}"))?;
     Ok(Arc::new(store))
+}
+
+/// A database URL without its password, for messages.
+fn redact_url(db: &str) -> String {
+    match url_password_span(db) {
+        Some((start, end)) => format!("{}***{}", &db[..start], &db[end..]),
+        None => db.to_owned(),
+    }
+}
+
+/// Where the password of `scheme://user:password@host…` is, if there is one.
+fn url_password_span(db: &str) -> Option<(usize, usize)> {
+    let authority_start = db.find("://")? + 3;
+    let authority_end = db[authority_start..]
+        .find('/')
+        .map_or(db.len(), |i| authority_start + i);
+    let at = db[authority_start..authority_end].rfind('@')? + authority_start;
+    let colon = db[authority_start..at].find(':')? + authority_start;
+    Some((colon + 1, at))
+}
+
+/// Flags of `plane migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The store: a `postgres://` URL, a SQLite file path, or a `sqlite:` URL.
+    #[arg(long, env = "PLANE_DB")]
+    db: String,
+}
+
+/// Runs `plane migrate`: opening a store applies its pending migrations.
+pub async fn run_migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    open_store(&args.db).await?;
+    tracing::info!(db = %redact_url(&args.db), "the store's migrations are applied");
+    Ok(())
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -485,4 +529,34 @@ async fn start_demo(client: &PlaneClient) -> anyhow::Result<()> {
         res.url
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_store_urls() {
+        assert_eq!(
+            redact_url("postgres://plane:s3cr3t@db.example:5432/plane"),
+            "postgres://plane:***@db.example:5432/plane"
+        );
+        assert_eq!(
+            redact_url("postgres://plane@db.example/plane"),
+            "postgres://plane@db.example/plane"
+        );
+        assert_eq!(redact_url("postgresql://u:p@h"), "postgresql://u:***@h");
+        assert_eq!(redact_url("plane.db"), "plane.db");
+        assert!(is_postgres("postgresql://h/db") && !is_postgres("sqlite:x.db"));
+    }
+
+    #[test]
+    fn key_values_need_a_key() {
+        assert_eq!(
+            parse_key_value("max-size=10m").unwrap(),
+            ("max-size".into(), "10m".into())
+        );
+        assert!(parse_key_value("=x").is_err());
+        assert!(parse_key_value("novalue").is_err());
+    }
 }

@@ -1,0 +1,819 @@
+//! The PostgreSQL store against a real server (started by `plane-test-postgres`; these
+//! tests fail, never skip, when it cannot start):
+//! * the conformance suite, a fresh database per check;
+//! * the same scripted scenario on SQLite and PostgreSQL gives the same answers;
+//! * a stress test on a pool of several connections: one holder per key, strictly
+//!   increasing fencing tokens, every update applied once, leases taken over and lost
+//!   backends marked exactly once;
+//! * migrations are idempotent, also when several controllers migrate at once;
+//! * an outage: calls fail within the acquire timeout, and the same store works again
+//!   once the server is back.
+
+use plane_store::conformance;
+use plane_store::postgres::{PostgresOptions, PostgresStore, LOST_MESSAGE};
+use plane_store::sqlite::SqliteStore;
+use plane_store::{
+    ApplyOutcome, BackendUpdate, CreateOutcome, DroneRegistration, NewBackend, NewToken, ProxyRegistration,
+    SharedStore, Store,
+};
+use plane_test_postgres::TestPostgres;
+use plane_types::api::KeyConfig;
+use plane_types::executable::{Executable, RuntimeKind};
+use plane_types::names::{BackendName, ClusterName, DroneName};
+use plane_types::status::{BackendStatus, TerminationKind, TerminationReason};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn database() -> TestPostgres {
+    TestPostgres::database().expect("the test PostgreSQL server must start (see the error)")
+}
+
+async fn fresh_store(options: &PostgresOptions) -> PostgresStore {
+    let db = database();
+    PostgresStore::connect_with(&db.url(), options)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", db.url()))
+}
+
+fn cluster() -> ClusterName {
+    "c1.test:9000".parse().unwrap()
+}
+
+fn key(name: &str) -> KeyConfig {
+    KeyConfig {
+        name: name.into(),
+        namespace: String::new(),
+        tag: String::new(),
+    }
+}
+
+fn new_backend(id: &str, drone: &DroneName, key_name: &str, lease: Duration) -> NewBackend {
+    NewBackend {
+        id: id.parse().unwrap(),
+        cluster: cluster(),
+        pool: String::new(),
+        drone: drone.clone(),
+        executable: Executable::from_json(&serde_json::json!({"command": ["true"]})).unwrap(),
+        key: key(key_name),
+        lifetime_limit_seconds: None,
+        max_idle_seconds: None,
+        static_token: None,
+        subdomain: None,
+        lease_duration: lease,
+    }
+}
+
+fn update(id: &BackendName, status: BackendStatus) -> BackendUpdate {
+    BackendUpdate {
+        backend_id: id.clone(),
+        status,
+        address: None,
+        exit_code: None,
+        termination_reason: None,
+        termination_kind: None,
+        message: None,
+    }
+}
+
+async fn register_drone(store: &dyn Store, name: &str) -> DroneName {
+    let name: DroneName = name.parse().unwrap();
+    store
+        .register_drone(&DroneRegistration {
+            name: name.clone(),
+            cluster: cluster(),
+            pool: String::new(),
+            runtimes: vec![RuntimeKind::Process],
+            plane_version: "0.1.0".into(),
+            plane_hash: "h".into(),
+            controller: "co-test".parse().unwrap(),
+        })
+        .await
+        .unwrap();
+    name
+}
+
+/// Polls `check` until it holds, failing after `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_until_key_free(store: &dyn Store, key_name: &str) {
+    eventually(
+        &format!("the lease of {key_name} expires"),
+        Duration::from_secs(5),
+        || async { store.key_holder(&key(key_name)).await.unwrap().is_none() },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn conformance_suite() {
+    conformance::run_all(|| async { Arc::new(fresh_store(&PostgresOptions::default()).await) as SharedStore }).await;
+}
+
+/// Runs one scripted scenario and writes down every answer, with the values that must
+/// differ between stores (times, ages, fencing token values) taken out.
+async fn transcript(store: &dyn Store) -> Vec<String> {
+    let mut out = Vec::new();
+    let d = register_drone(store, "dr-one").await;
+    store.controller_heartbeat(&"co-test".parse().unwrap()).await.unwrap();
+    store
+        .register_proxy(&ProxyRegistration {
+            name: "px-one".parse().unwrap(),
+            cluster: cluster(),
+            plane_version: "0.1.0".into(),
+            plane_hash: "h".into(),
+            controller: "co-test".parse().unwrap(),
+        })
+        .await
+        .unwrap();
+    let long = Duration::from_secs(60);
+    let mut tokens = Vec::new();
+    let mut b1 = new_backend("b1", &d, "k", long);
+    b1.static_token = Some("s.static".into());
+    b1.subdomain = Some("sub".into());
+    b1.lifetime_limit_seconds = Some(3600);
+    for b in [
+        &b1,
+        &new_backend("b2", &d, "k", long),
+        &new_backend("b1", &d, "other", long),
+    ] {
+        let outcome = store.create_backend(b).await.unwrap();
+        if let CreateOutcome::Created { fencing_token } = outcome {
+            tokens.push(fencing_token);
+        }
+        out.push(format!(
+            "create {}: {:?}",
+            b.id,
+            matches!(outcome, CreateOutcome::Created { .. })
+        ));
+        out.push(format!("outcome {:?}", outcome).replace(|c: char| c.is_ascii_digit(), "#"));
+    }
+    let id1 = b1.id.clone();
+    let mut ready = update(&id1, BackendStatus::Ready);
+    ready.address = Some("127.0.0.1:5000".parse().unwrap());
+    ready.message = Some("up".into());
+    for u in [update(&id1, BackendStatus::Loading), ready.clone(), ready] {
+        let outcome = store.apply_update(&d, &u).await.unwrap();
+        out.push(format!("apply {}: {}", u.status, outcome_text(&outcome)));
+    }
+    for (tok, user) in [("t1", "alice"), ("t2", "alice"), ("t3", "bob")] {
+        store
+            .insert_token(&NewToken {
+                token: tok.into(),
+                backend_id: id1.clone(),
+                user: Some(user.into()),
+                auth: Some(serde_json::json!({"role": user, "nested": {"n": [1, 2.5, null]}, "z": "\u{0}"})),
+                secret_token: Some(format!("secret-{tok}")),
+            })
+            .await
+            .unwrap();
+    }
+    out.push(format!("route t1: {:?}", store.route("t1").await.unwrap()));
+    let mut revoked = store.revoke(&id1, "alice").await.unwrap();
+    revoked.sort();
+    out.push(format!("revoked: {revoked:?}"));
+    out.push(format!("route t1 after: {:?}", store.route("t1").await.unwrap()));
+    out.push(format!("holder: {:?}", store.key_holder(&key("k")).await.unwrap()));
+    for (kind, reason) in [
+        (TerminationKind::Soft, TerminationReason::External),
+        (TerminationKind::Hard, TerminationReason::KeyExpired),
+        (TerminationKind::Soft, TerminationReason::Swept),
+    ] {
+        let r = store.request_termination(&id1, kind, reason).await.unwrap();
+        out.push(format!("request {kind:?} {reason:?}: {r:?}"));
+    }
+    out.push(format!("pending: {:?}", store.pending_terminations(&d).await.unwrap()));
+    let mut done = update(&id1, BackendStatus::Terminating);
+    done.message = Some("going".into());
+    let outcome = store.apply_update(&d, &done).await.unwrap();
+    out.push(format!("apply terminating: {}", outcome_text(&outcome)));
+    let mut exit = update(&id1, BackendStatus::Terminated);
+    exit.exit_code = Some(1);
+    let outcome = store.apply_update(&d, &exit).await.unwrap();
+    out.push(format!("apply terminated: {}", outcome_text(&outcome)));
+    out.push(format!(
+        "pending after: {:?}",
+        store.pending_terminations(&d).await.unwrap()
+    ));
+
+    // A lifetime of 0 is swept at once; huge limits are never reached (and must not
+    // overflow); idle time counts only once ready.
+    let mut b3 = new_backend("b3", &d, "k", long);
+    b3.lifetime_limit_seconds = Some(0);
+    let mut b5 = new_backend("b5", &d, "k5", long);
+    b5.lifetime_limit_seconds = Some(u64::MAX);
+    b5.max_idle_seconds = Some(u64::MAX);
+    let mut b6 = new_backend("b6", &d, "k6", long);
+    b6.max_idle_seconds = Some(0);
+    for b in [&b3, &b5, &b6] {
+        if let CreateOutcome::Created { fencing_token } = store.create_backend(b).await.unwrap() {
+            tokens.push(fencing_token);
+        }
+    }
+    store
+        .apply_update(&d, &update(&b5.id, BackendStatus::Ready))
+        .await
+        .unwrap();
+    out.push(format!(
+        "scheduled: {:?}",
+        ids(store.scheduled_backends(&d).await.unwrap())
+    ));
+    let mut swept: Vec<_> = store.sweep().await.unwrap();
+    swept.sort_by(|a, b| a.backend_id.as_str().cmp(b.backend_id.as_str()));
+    out.push(format!("sweep: {swept:?}"));
+    store
+        .apply_update(&d, &update(&b6.id, BackendStatus::Ready))
+        .await
+        .unwrap();
+    store
+        .keepalive(&[b5.id.clone(), "ghost".parse().unwrap()])
+        .await
+        .unwrap();
+    out.push(format!("sweep again: {:?}", store.sweep().await.unwrap()));
+    out.push(format!("sweep once: {:?}", store.sweep().await.unwrap()));
+
+    // A lease that runs out: the backend is marked lost once, and the key is free.
+    let b4 = new_backend("b4", &d, "k4", Duration::from_millis(200));
+    if let CreateOutcome::Created { fencing_token } = store.create_backend(&b4).await.unwrap() {
+        tokens.push(fencing_token);
+    }
+    wait_until_key_free(store, "k4").await;
+    let lost: Vec<_> = store
+        .mark_lost()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, mut e)| {
+            e.time = 0;
+            (id, e)
+        })
+        .collect();
+    out.push(format!("lost: {lost:?}"));
+    out.push(format!("lost again: {:?}", store.mark_lost().await.unwrap()));
+
+    for id in ["b1", "b3", "b4", "b5", "b6"] {
+        let id: BackendName = id.parse().unwrap();
+        let mut rec = store.backend(&id).await.unwrap().unwrap();
+        rec.created_at = 0;
+        rec.fencing_token = tokens.iter().position(|&t| t == rec.fencing_token).unwrap() as i64;
+        out.push(format!("record: {rec:?}"));
+        let history: Vec<_> = store
+            .status_history(&id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|mut e| {
+                e.time = 0;
+                e
+            })
+            .collect();
+        out.push(format!("history {id}: {history:?}"));
+    }
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "fencing tokens increase: {tokens:?}"
+    );
+    out.push(format!("drain: {:?}", store.drain_drone(&cluster(), &d).await.unwrap()));
+    out.push(format!(
+        "drain again: {:?}",
+        store.drain_drone(&cluster(), &d).await.unwrap()
+    ));
+    let drones: Vec<_> = store
+        .drones(&cluster())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|mut r| {
+            assert!(r.last_heartbeat_age < Duration::from_secs(30), "{r:?}");
+            r.last_heartbeat_age = Duration::ZERO;
+            r.controller_heartbeat_age = r.controller_heartbeat_age.map(|_| Duration::ZERO);
+            r
+        })
+        .collect();
+    out.push(format!("drones: {drones:?}"));
+    let proxies: Vec<_> = store
+        .proxies(&cluster())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.registration)
+        .collect();
+    out.push(format!("proxies: {proxies:?}"));
+    out
+}
+
+fn outcome_text(outcome: &ApplyOutcome) -> String {
+    match outcome {
+        ApplyOutcome::Advanced(entry) => {
+            let mut entry = entry.clone();
+            entry.time = 0;
+            format!("Advanced({entry:?})")
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn ids(records: Vec<plane_store::BackendRecord>) -> Vec<String> {
+    records.into_iter().map(|r| r.id.to_string()).collect()
+}
+
+#[tokio::test]
+async fn answers_like_the_sqlite_store() {
+    let sqlite = transcript(&SqliteStore::in_memory().await.unwrap()).await;
+    let postgres = transcript(&fresh_store(&PostgresOptions::default()).await).await;
+    for (i, (s, p)) in sqlite.iter().zip(&postgres).enumerate() {
+        assert_eq!(s, p, "answer {i} differs (left SQLite, right PostgreSQL)");
+    }
+    assert_eq!(sqlite.len(), postgres.len());
+    assert!(sqlite.iter().any(|line| line.contains(LOST_MESSAGE)));
+}
+
+#[tokio::test]
+async fn drone_messages_with_nul_characters_are_stored() {
+    let store = fresh_store(&PostgresOptions::default()).await;
+    let d = register_drone(&store, "dr-one").await;
+    let b = new_backend("b1", &d, "k", Duration::from_secs(60));
+    store.create_backend(&b).await.unwrap();
+    let mut u = update(&b.id, BackendStatus::Terminated);
+    u.message = Some("exit\0ed".into());
+    let ApplyOutcome::Advanced(entry) = store.apply_update(&d, &u).await.unwrap() else {
+        panic!("must advance")
+    };
+    assert_eq!(entry.message.as_deref(), Some("exit\u{FFFD}ed"));
+    let rec = store.backend(&b.id).await.unwrap().unwrap();
+    assert_eq!(rec.message.as_deref(), Some("exit\u{FFFD}ed"));
+    assert_eq!(store.status_history(&b.id).await.unwrap()[1], entry);
+}
+
+/// What the stress workers saw, checked as they go.
+#[derive(Default)]
+struct Ledger {
+    /// The backend each key is held by, as far as the workers know: entered after the
+    /// store said `Created`, left before the store is told `Terminated`, so it is
+    /// never wider than the store's own holding.
+    holders: HashMap<String, BackendName>,
+    /// The last fencing token per key.
+    last_token: HashMap<String, i64>,
+    /// Every token issued.
+    tokens: HashSet<i64>,
+    /// Every backend created.
+    created: Vec<BackendName>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stress_one_holder_per_key_and_increasing_tokens() {
+    let options = PostgresOptions {
+        max_connections: 8,
+        ..PostgresOptions::default()
+    };
+    let store = Arc::new(fresh_store(&options).await);
+    let d = register_drone(&*store, "dr-one").await;
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let started = Instant::now();
+
+    // Phase 1: get-or-create on a few contended keys, with renewals, duplicated and
+    // concurrent reports, termination requests and sweeps on each holder.
+    const KEYS: usize = 5;
+    const WORKERS: usize = 24;
+    const ROUNDS: usize = 30;
+    let mut tasks = Vec::new();
+    for w in 0..WORKERS {
+        let (store, ledger, d) = (store.clone(), ledger.clone(), d.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut won = 0;
+            for r in 0..ROUNDS {
+                let key_name = format!("key{}", (w + r) % KEYS);
+                let b = new_backend(&format!("s{w}-{r}"), &d, &key_name, Duration::from_secs(60));
+                let fencing_token = match store.create_backend(&b).await.unwrap() {
+                    CreateOutcome::Created { fencing_token } => fencing_token,
+                    CreateOutcome::KeyHeld => continue,
+                    CreateOutcome::IdTaken => panic!("{} is a fresh id", b.id),
+                };
+                won += 1;
+                {
+                    let mut l = ledger.lock().unwrap();
+                    if let Some(other) = l.holders.insert(key_name.clone(), b.id.clone()) {
+                        panic!("{key_name} is held by {other} and {} at once", b.id);
+                    }
+                    if let Some(prev) = l.last_token.insert(key_name.clone(), fencing_token) {
+                        assert!(fencing_token > prev, "{key_name}: token {fencing_token} after {prev}");
+                    }
+                    assert!(l.tokens.insert(fencing_token), "token {fencing_token} issued twice");
+                    l.created.push(b.id.clone());
+                }
+                let lease = Duration::from_secs(60);
+                let ready = update(&b.id, BackendStatus::Ready);
+                let (r1, r2, a1, a2, t1, t2, _, swept, lost) = tokio::join!(
+                    store.renew_key(&b.id, fencing_token, lease),
+                    store.renew_key(&b.id, fencing_token, lease),
+                    store.apply_update(&d, &ready),
+                    store.apply_update(&d, &ready),
+                    store.request_termination(&b.id, TerminationKind::Soft, TerminationReason::External),
+                    store.request_termination(&b.id, TerminationKind::Hard, TerminationReason::External),
+                    store.keepalive(std::slice::from_ref(&b.id)),
+                    store.sweep(),
+                    store.mark_lost(),
+                );
+                assert!(r1.unwrap() && r2.unwrap(), "a live holder renews");
+                let advanced = [a1.unwrap(), a2.unwrap()]
+                    .iter()
+                    .filter(|o| matches!(o, ApplyOutcome::Advanced(_)))
+                    .count();
+                assert_eq!(advanced, 1, "one of two identical reports applies");
+                assert!(t1.unwrap().is_some() && t2.unwrap().is_some());
+                assert!(
+                    swept.unwrap().iter().all(|t| t.backend_id != b.id),
+                    "no limits, never swept"
+                );
+                assert!(
+                    lost.unwrap().iter().all(|(id, _)| *id != b.id),
+                    "a live lease is not lost"
+                );
+                let holder = store.key_holder(&key(&key_name)).await.unwrap().unwrap();
+                assert_eq!(holder.backend_id, b.id);
+                let pending = store.backend(&b.id).await.unwrap().unwrap().pending_termination;
+                assert_eq!(pending, Some((TerminationKind::Hard, TerminationReason::External)));
+
+                ledger.lock().unwrap().holders.remove(&key_name);
+                let mut exit = update(&b.id, BackendStatus::Terminated);
+                exit.exit_code = Some(0);
+                let (e1, e2, renewed) = tokio::join!(
+                    store.apply_update(&d, &exit),
+                    store.apply_update(&d, &exit),
+                    store.renew_key(&b.id, fencing_token, lease),
+                );
+                let advanced = [e1.unwrap(), e2.unwrap()]
+                    .iter()
+                    .filter(|o| matches!(o, ApplyOutcome::Advanced(_)))
+                    .count();
+                assert_eq!(advanced, 1, "one of two identical exits applies");
+                renewed.unwrap();
+                assert!(!store.renew_key(&b.id, fencing_token, lease).await.unwrap());
+            }
+            won
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        wins += t.await.unwrap();
+    }
+    assert!(wins >= KEYS, "every key was won at least once ({wins} wins)");
+    let phase1 = started.elapsed();
+
+    // Every history moves forward, in time too, and has one entry per status.
+    let created = ledger.lock().unwrap().created.clone();
+    for id in &created {
+        let history = store.status_history(id).await.unwrap();
+        let statuses: Vec<_> = history.iter().map(|e| e.status).collect();
+        assert_eq!(
+            statuses,
+            vec![
+                BackendStatus::Scheduled,
+                BackendStatus::Ready,
+                BackendStatus::Terminated
+            ],
+            "{id}"
+        );
+        assert!(history.windows(2).all(|w| w[0].time <= w[1].time), "{id}: {history:?}");
+    }
+
+    // Phase 2: expired leases taken over by racing creators, while the previous holder
+    // renews with its old token and the lost sweep runs.
+    const TAKEOVER_KEYS: usize = 3;
+    const TAKEOVERS: usize = 3;
+    const RACERS: usize = 10;
+    let mut tasks = Vec::new();
+    for k in 0..TAKEOVER_KEYS {
+        let (store, d) = (store.clone(), d.clone());
+        tasks.push(tokio::spawn(async move {
+            let key_name = format!("expiring{k}");
+            let lease = Duration::from_millis(700);
+            let mut previous: Option<(BackendName, i64)> = None;
+            for round in 0..=TAKEOVERS {
+                let mut racers = Vec::new();
+                for i in 0..RACERS {
+                    let (store, b) = (
+                        store.clone(),
+                        new_backend(&format!("e{k}-{round}-{i}"), &d, &key_name, lease),
+                    );
+                    racers.push(tokio::spawn(async move {
+                        let outcome = store.create_backend(&b).await.unwrap();
+                        (b.id, outcome)
+                    }));
+                }
+                let stale_renewal = previous
+                    .clone()
+                    .map(|(id, token)| (store.clone(), id, token))
+                    .map(|(store, id, token)| tokio::spawn(async move { store.renew_key(&id, token, lease).await }));
+                let lost = store.mark_lost().await.unwrap();
+                let mut winners = Vec::new();
+                for r in racers {
+                    if let (id, CreateOutcome::Created { fencing_token }) = r.await.unwrap() {
+                        winners.push((id, fencing_token));
+                    }
+                }
+                assert_eq!(winners.len(), 1, "{key_name} round {round}: {winners:?}");
+                let winner = winners.pop().unwrap();
+                assert!(lost.iter().all(|(id, _)| *id != winner.0), "a fresh lease is not lost");
+                if let (Some((prev_id, prev_token)), Some(renewal)) = (&previous, stale_renewal) {
+                    assert!(!renewal.await.unwrap().unwrap(), "an expired lease is not renewed");
+                    assert!(winner.1 > *prev_token, "the taker's token is larger");
+                    // The lost sweep ran after the previous lease expired: it is lost.
+                    let rec = store.backend(prev_id).await.unwrap().unwrap();
+                    assert_eq!(rec.status, BackendStatus::Terminated, "{prev_id}");
+                    assert_eq!(rec.termination_reason, Some(TerminationReason::Lost));
+                }
+                wait_until_key_free(&*store, &key_name).await;
+                previous = Some(winner);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let phase2 = started.elapsed() - phase1;
+
+    // Phase 3: expired backends whose drone reports the exit just as two lost sweeps
+    // run: each ends terminated exactly once, by one of them.
+    const EXPIRED: usize = 12;
+    let mut expired = Vec::new();
+    for i in 0..EXPIRED {
+        let b = new_backend(&format!("x{i}"), &d, &format!("xkey{i}"), Duration::from_millis(300));
+        assert!(matches!(
+            store.create_backend(&b).await.unwrap(),
+            CreateOutcome::Created { .. }
+        ));
+        expired.push(b.id);
+    }
+    for i in 0..EXPIRED {
+        wait_until_key_free(&*store, &format!("xkey{i}")).await;
+    }
+    let reports: Vec<_> = expired
+        .iter()
+        .map(|id| {
+            let (store, d, u) = (store.clone(), d.clone(), update(id, BackendStatus::Terminated));
+            tokio::spawn(async move { store.apply_update(&d, &u).await.unwrap() })
+        })
+        .collect();
+    let sweeps: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.mark_lost().await.unwrap() })
+        })
+        .collect();
+    let mut terminated_by = HashMap::new();
+    for (id, report) in expired.iter().zip(reports) {
+        if matches!(report.await.unwrap(), ApplyOutcome::Advanced(_)) {
+            terminated_by.insert(id.clone(), "drone");
+        }
+    }
+    for sweep in sweeps {
+        for (id, entry) in sweep.await.unwrap() {
+            assert_eq!(entry.message.as_deref(), Some(LOST_MESSAGE));
+            if expired.contains(&id) {
+                assert!(
+                    terminated_by.insert(id.clone(), "lost").is_none(),
+                    "{id} terminated twice"
+                );
+            }
+        }
+    }
+    assert_eq!(terminated_by.len(), EXPIRED, "{terminated_by:?}");
+    for id in &expired {
+        let history = store.status_history(id).await.unwrap();
+        let terminal = history.iter().filter(|e| e.status == BackendStatus::Terminated).count();
+        assert_eq!(terminal, 1, "{id}: {history:?}");
+    }
+
+    // Phase 4: concurrent sweeps (each due backend once, also while termination
+    // requests and keepalives come in), drains (one starts it) and revocations (each
+    // token once).
+    const DUE: usize = 16;
+    let mut due = HashSet::new();
+    for i in 0..DUE {
+        let mut b = new_backend(&format!("due{i}"), &d, &format!("duekey{i}"), Duration::from_secs(60));
+        b.lifetime_limit_seconds = Some(0);
+        store.create_backend(&b).await.unwrap();
+        due.insert(b.id);
+    }
+    let sweeps: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.sweep().await.unwrap() })
+        })
+        .collect();
+    let requests: Vec<_> = due
+        .iter()
+        .map(|id| {
+            let (store, id) = (store.clone(), id.clone());
+            tokio::spawn(async move {
+                store.keepalive(std::slice::from_ref(&id)).await.unwrap();
+                store
+                    .request_termination(&id, TerminationKind::Soft, TerminationReason::External)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut swept = Vec::new();
+    for t in sweeps {
+        swept.extend(t.await.unwrap().into_iter().map(|t| t.backend_id));
+    }
+    for t in requests {
+        assert!(t.await.unwrap().is_some());
+    }
+    let swept_set: HashSet<_> = swept.iter().cloned().collect();
+    assert_eq!(swept.len(), swept_set.len(), "swept twice: {swept:?}");
+    for id in &due {
+        let pending = store.backend(id).await.unwrap().unwrap().pending_termination;
+        let expected_reason = if swept_set.contains(id) {
+            TerminationReason::Swept
+        } else {
+            TerminationReason::External
+        };
+        assert_eq!(pending, Some((TerminationKind::Soft, expected_reason)), "{id}");
+    }
+
+    let drains: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, d) = (store.clone(), d.clone());
+            tokio::spawn(async move { store.drain_drone(&cluster(), &d).await.unwrap() })
+        })
+        .collect();
+    let mut started_draining = 0;
+    for t in drains {
+        if t.await.unwrap() == Some(true) {
+            started_draining += 1;
+        }
+    }
+    assert_eq!(started_draining, 1);
+    let owner = created[0].clone();
+    for i in 0..20 {
+        store
+            .insert_token(&NewToken {
+                token: format!("tok{i}"),
+                backend_id: owner.clone(),
+                user: Some("alice".into()),
+                auth: None,
+                secret_token: None,
+            })
+            .await
+            .unwrap();
+    }
+    let revokes: Vec<_> = (0..6)
+        .map(|_| {
+            let (store, owner) = (store.clone(), owner.clone());
+            tokio::spawn(async move { store.revoke(&owner, "alice").await.unwrap() })
+        })
+        .collect();
+    let mut revoked = Vec::new();
+    for t in revokes {
+        revoked.extend(t.await.unwrap());
+    }
+    revoked.sort();
+    let mut expected: Vec<_> = (0..20).map(|i| format!("tok{i}")).collect();
+    expected.sort();
+    assert_eq!(revoked, expected, "each token revoked exactly once");
+    eprintln!(
+        "stress: {wins} acquisitions in {phase1:?}, {} takeovers in {phase2:?}, total {:?}",
+        TAKEOVER_KEYS * TAKEOVERS,
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_and_may_run_concurrently() {
+    let db = database();
+    // Three controllers starting at once on an empty database.
+    let connects: Vec<_> = (0..3)
+        .map(|_| {
+            let url = db.url();
+            tokio::spawn(async move { PostgresStore::connect(&url).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for c in connects {
+        stores.push(c.await.unwrap().unwrap());
+    }
+    for store in &stores {
+        store.migrate().await.unwrap();
+        store.migrate().await.unwrap();
+    }
+    let store = &stores[0];
+    let d = register_drone(store, "dr-one").await;
+    assert!(matches!(
+        store
+            .create_backend(&new_backend("b1", &d, "k", Duration::from_secs(60)))
+            .await
+            .unwrap(),
+        CreateOutcome::Created { fencing_token: 1 }
+    ));
+    // A store connected without migrating uses the schema as it is.
+    let plain = PostgresStore::connect_with(
+        &db.url(),
+        &PostgresOptions {
+            migrate: false,
+            ..PostgresOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(plain.drones(&cluster()).await.unwrap().len(), 1);
+    // An unmigrated database is an error from the calls, not a panic.
+    let empty = database();
+    let unmigrated = PostgresStore::connect_with(
+        &empty.url(),
+        &PostgresOptions {
+            migrate: false,
+            ..PostgresOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let err = unmigrated.drones(&cluster()).await.unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+#[tokio::test]
+async fn an_outage_fails_calls_quickly_and_the_store_recovers() {
+    let pg = TestPostgres::start().expect("a private test PostgreSQL server must start");
+    let acquire_timeout = Duration::from_secs(1);
+    let store = PostgresStore::connect_with(
+        &pg.url(),
+        &PostgresOptions {
+            max_connections: 4,
+            acquire_timeout,
+            ..PostgresOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let d = register_drone(&store, "dr-one").await;
+    let b = new_backend("b1", &d, "k", Duration::from_secs(60));
+    store.create_backend(&b).await.unwrap();
+    let shown = format!("{store:?}");
+    assert!(shown.contains(&pg.port().to_string()), "{shown}");
+
+    pg.stop().unwrap();
+    for call in ["ping", "create_backend", "apply_update"] {
+        let t = Instant::now();
+        let result = match call {
+            "ping" => store.ping().await.map(|_| ()),
+            "create_backend" => store
+                .create_backend(&new_backend("b2", &d, "k2", Duration::from_secs(60)))
+                .await
+                .map(|_| ()),
+            _ => store
+                .apply_update(&d, &update(&b.id, BackendStatus::Ready))
+                .await
+                .map(|_| ()),
+        };
+        let took = t.elapsed();
+        let err = result.expect_err("the server is down");
+        assert!(
+            took < acquire_timeout + Duration::from_secs(2),
+            "{call} took {took:?}: {err}"
+        );
+        eprintln!("{call} during the outage: {err} after {took:?}");
+    }
+    // Connecting while the server is down fails too, bounded the same way.
+    let t = Instant::now();
+    let options = PostgresOptions {
+        acquire_timeout,
+        ..PostgresOptions::default()
+    };
+    assert!(PostgresStore::connect_with(&pg.url(), &options).await.is_err());
+    assert!(t.elapsed() < acquire_timeout + Duration::from_secs(2));
+
+    pg.restart().unwrap();
+    // The same store, not recreated: the very first call works again, and the data
+    // written before the outage is there.
+    store.ping().await.unwrap();
+    let rec = store.backend(&b.id).await.unwrap().unwrap();
+    assert_eq!(rec.status, BackendStatus::Scheduled);
+    assert!(matches!(
+        store
+            .apply_update(&d, &update(&b.id, BackendStatus::Ready))
+            .await
+            .unwrap(),
+        ApplyOutcome::Advanced(_)
+    ));
+    assert!(matches!(
+        store
+            .create_backend(&new_backend("b2", &d, "k2", Duration::from_secs(60)))
+            .await
+            .unwrap(),
+        CreateOutcome::Created { .. }
+    ));
+}
