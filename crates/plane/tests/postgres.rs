@@ -143,3 +143,60 @@ async fn plane_migrate_and_plane_controller_on_postgres() {
         other => panic!("expected NoDroneAvailable, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn the_controller_reports_database_errors_during_an_outage_and_recovers_alone() {
+    let pg = tokio::task::spawn_blocking(TestPostgres::start)
+        .await
+        .expect("the server task")
+        .expect("these tests need PostgreSQL (initdb, pg_ctl) to start");
+    let mut options = Options::new(PLANE);
+    options.postgres_url = Some(pg.url());
+    // Leases long enough to outlast the outage: a drone that cannot renew must stop
+    // its backend at the soft deadline (here 20 s).
+    options.lease_unit = Duration::from_secs(5);
+    let tc = TestCluster::start(options).await.unwrap();
+    let before = tc.connect_ready(&tc.demo_request("before-outage")).await.unwrap();
+    let env_url = format!("{}env", before.url);
+    assert!(tc.http.get(&env_url).send().await.unwrap().status().is_success());
+
+    pg.stop().unwrap();
+    // What needs the store is a DatabaseError (500), promptly; no hang, no panic.
+    let started = Instant::now();
+    match tc.client.connect(&tc.demo_request("during-outage")).await {
+        Err(plane_client::ClientError::Api { status, error }) => {
+            assert_eq!(status, 500, "{error:?}");
+            assert_eq!(error.kind, plane_types::api::ApiErrorKind::DatabaseError, "{error:?}");
+        }
+        other => panic!("expected DatabaseError, got {other:?}"),
+    }
+    assert!(started.elapsed() < WAIT, "the error took {:?}", started.elapsed());
+    // Health checks say the store is down, as an ApiError.
+    match tc.client.controller_status().await {
+        Err(plane_client::ClientError::Api { error, .. }) => {
+            assert_eq!(error.kind, plane_types::api::ApiErrorKind::DatabaseError)
+        }
+        other => panic!("expected DatabaseError, got {other:?}"),
+    }
+    // Traffic to a running backend does not need the store: the proxy's route is cached.
+    let res = tc.http.get(&env_url).send().await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+
+    pg.restart().unwrap();
+    // No controller restart: the pool reconnects by itself.
+    let deadline = Instant::now() + WAIT;
+    let after = loop {
+        match tc.connect(&tc.demo_request("after-outage")).await {
+            Ok(res) => break res,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the controller did not recover: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    tc.wait_status(&after.backend_id, BackendStatus::Ready).await.unwrap();
+    // The backend started before the outage is still known and ready.
+    let status = tc.client.status(&before.backend_id).await.unwrap();
+    assert_eq!(status.status, BackendStatus::Ready, "{status:?}");
+    tc.shutdown().await.unwrap();
+}
