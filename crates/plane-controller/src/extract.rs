@@ -36,9 +36,26 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         if !value.is_object() {
             return Err(HttpError::bad_request("the request body must be a JSON object"));
         }
+        // No store can keep a NUL in text (PostgreSQL refuses it): refuse it here, with
+        // the same answer whatever the store.
+        if has_nul(&value) {
+            return Err(HttpError::bad_request(
+                "the request body must not contain NUL characters (\\u0000)",
+            ));
+        }
         T::deserialize(value)
             .map(ApiJson)
             .map_err(|e| HttpError::bad_request(format!("invalid request body: {e}")))
+    }
+}
+
+/// Whether any string (or object key) in `value` contains U+0000.
+fn has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(has_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 

@@ -72,6 +72,16 @@ async fn malformed_connect_bodies_are_api_errors() {
         let (status, v) = call(&app, "POST", "/ctrl/connect", body).await;
         assert_api_error(status, &v, 400, "Other");
     }
+    // NULs anywhere are refused up front, whatever the store would make of them.
+    for body in [
+        r#"{"key": {"name": "room", "tag": "a\u0000b"}}"#,
+        r#"{"key": {"name": "room"}, "user": "\u0000"}"#,
+        r#"{"key": {"name": "room"}, "auth": {"k\u0000": 1}}"#,
+    ] {
+        let (status, v) = call(&app, "POST", "/ctrl/connect", body).await;
+        assert_api_error(status, &v, 400, "Other");
+        assert!(v["message"].as_str().unwrap_or_default().contains("NUL"), "{body}: {v}");
+    }
 }
 
 #[tokio::test]

@@ -250,20 +250,22 @@ impl Store for SqliteStore {
     }
 
     async fn drain_drone(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>> {
-        let row = sqlx::query("SELECT draining FROM drone WHERE name = ?1 AND cluster = ?2")
+        // One statement decides, so two concurrent drains cannot both report a change.
+        let updated = sqlx::query("UPDATE drone SET draining = 1 WHERE name = ?1 AND cluster = ?2 AND draining = 0")
+            .bind(name.as_str())
+            .bind(cluster.as_str())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if updated > 0 {
+            return Ok(Some(true));
+        }
+        let exists = sqlx::query("SELECT 1 FROM drone WHERE name = ?1 AND cluster = ?2")
             .bind(name.as_str())
             .bind(cluster.as_str())
             .fetch_optional(&self.pool)
             .await?;
-        let Some(row) = row else { return Ok(None) };
-        if row.try_get::<bool, _>("draining")? {
-            return Ok(Some(false));
-        }
-        sqlx::query("UPDATE drone SET draining = 1 WHERE name = ?1")
-            .bind(name.as_str())
-            .execute(&self.pool)
-            .await?;
-        Ok(Some(true))
+        Ok(exists.map(|_| false))
     }
 
     async fn drones(&self, cluster: &ClusterName) -> StoreResult<Vec<DroneRecord>> {
