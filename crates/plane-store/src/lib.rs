@@ -18,6 +18,8 @@
 
 pub mod conformance;
 pub mod postgres;
+mod rows;
+pub use rows::LOST_MESSAGE;
 pub mod sqlite;
 
 use async_trait::async_trait;

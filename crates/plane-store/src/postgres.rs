@@ -38,6 +38,7 @@
 //!   an event until it is stored); any other string holding U+0000 is refused with
 //!   [`StoreError::Database`].
 
+use crate::rows::{json, parse, parse_opt, status_entry, to_json, upgrades_termination, LOST_MESSAGE};
 use crate::{
     ApplyOutcome, BackendRecord, BackendUpdate, CreateOutcome, DroneRecord, DroneRegistration, KeyHolder, NewBackend,
     NewToken, ProxyRecord, ProxyRegistration, Store, StoreError, StoreResult, Termination, TokenRoute,
@@ -56,10 +57,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
-/// The detail recorded when a backend's lease runs out while its drone is silent (the
-/// same text as the SQLite store's).
-pub const LOST_MESSAGE: &str = "the drone stopped renewing the key lease";
 
 /// The first key of the advisory locks this store takes (`pg_advisory_xact_lock(int,
 /// int)`), so they do not collide with another application's on the same database.
@@ -113,28 +110,6 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-fn parse<T: FromStr>(what: &str, s: &str) -> StoreResult<T>
-where
-    T::Err: std::fmt::Display,
-{
-    s.parse().map_err(|e| StoreError::Corrupt(format!("{what} {s:?}: {e}")))
-}
-
-fn parse_opt<T: FromStr>(what: &str, s: Option<String>) -> StoreResult<Option<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    s.map(|s| parse(what, &s)).transpose()
-}
-
-fn json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> StoreResult<T> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
 /// An age in milliseconds computed by the server, as a duration (a negative age, from a
 /// clock step, is zero).
 fn age(ms: i64) -> Duration {
@@ -152,24 +127,6 @@ fn clamp_seconds(v: Option<u64>) -> Option<i64> {
 
 fn millis(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
-}
-
-fn status_entry(
-    status: BackendStatus,
-    time: i64,
-    reason: Option<TerminationReason>,
-    kind: Option<TerminationKind>,
-    exit_code: Option<i32>,
-    message: Option<String>,
-) -> StatusEntry {
-    StatusEntry {
-        status,
-        time: time as EpochMillis,
-        termination_reason: reason,
-        termination_kind: kind,
-        exit_error: (status == BackendStatus::Terminated).then_some(matches!(exit_code, Some(c) if c != 0)),
-        message,
-    }
 }
 
 /// The status order as stored (an INTEGER column).
@@ -522,11 +479,7 @@ impl PostgresStore {
         let drone: DroneName = parse("drone name", &row.try_get::<String, _>("drone")?)?;
         let status: BackendStatus = parse("status", &row.try_get::<String, _>("status")?)?;
         let pending: Option<TerminationKind> = parse_opt("termination kind", row.try_get("pending_kind")?)?;
-        let upgrade = match pending {
-            None => true,
-            Some(TerminationKind::Soft) => kind == TerminationKind::Hard,
-            Some(TerminationKind::Hard) => false,
-        };
+        let upgrade = upgrades_termination(pending, kind);
         if upgrade && !status.is_terminal() {
             sqlx::query(
                 "UPDATE backend SET pending_kind = $1, pending_reason = COALESCE(pending_reason, $2) WHERE id = $3",

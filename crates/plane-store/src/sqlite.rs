@@ -4,6 +4,7 @@
 //! connection makes every method's transaction trivially atomic with no busy retries.
 //! The store's clock is this process's wall clock.
 
+use crate::rows::{json, parse, parse_opt, status_entry, to_json, upgrades_termination, LOST_MESSAGE};
 use crate::{
     ApplyOutcome, BackendRecord, BackendUpdate, CreateOutcome, DroneRecord, DroneRegistration, KeyHolder, NewBackend,
     NewToken, ProxyRecord, ProxyRegistration, Store, StoreError, StoreResult, Termination, TokenRoute,
@@ -37,28 +38,6 @@ fn now_ms() -> i64 {
 
 fn age(then: i64) -> Duration {
     Duration::from_millis(now_ms().saturating_sub(then).max(0) as u64)
-}
-
-fn parse<T: FromStr>(what: &str, s: &str) -> StoreResult<T>
-where
-    T::Err: std::fmt::Display,
-{
-    s.parse().map_err(|e| StoreError::Corrupt(format!("{what} {s:?}: {e}")))
-}
-
-fn parse_opt<T: FromStr>(what: &str, s: Option<String>) -> StoreResult<Option<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    s.map(|s| parse(what, &s)).transpose()
-}
-
-fn json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> StoreResult<T> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 impl SqliteStore {
@@ -167,27 +146,6 @@ impl SqliteStore {
 const DRONE_SELECT: &str = "SELECT d.*, c.last_heartbeat AS controller_heartbeat, \
      (SELECT COUNT(*) FROM backend b WHERE b.drone = d.name AND b.status_order < 70) AS backend_count \
      FROM drone d LEFT JOIN controller c ON c.name = d.controller";
-
-/// The detail recorded when a backend's lease runs out while its drone is silent.
-const LOST_MESSAGE: &str = "the drone stopped renewing the key lease";
-
-fn status_entry(
-    status: BackendStatus,
-    time: i64,
-    reason: Option<TerminationReason>,
-    kind: Option<TerminationKind>,
-    exit_code: Option<i32>,
-    message: Option<String>,
-) -> StatusEntry {
-    StatusEntry {
-        status,
-        time: time as EpochMillis,
-        termination_reason: reason,
-        termination_kind: kind,
-        exit_error: (status == BackendStatus::Terminated).then_some(matches!(exit_code, Some(c) if c != 0)),
-        message,
-    }
-}
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -615,11 +573,7 @@ impl Store for SqliteStore {
         let drone: DroneName = parse("drone name", &row.try_get::<String, _>("drone")?)?;
         let status: BackendStatus = parse("status", &row.try_get::<String, _>("status")?)?;
         let pending: Option<TerminationKind> = parse_opt("termination kind", row.try_get("pending_kind")?)?;
-        let upgrade = match pending {
-            None => true,
-            Some(TerminationKind::Soft) => kind == TerminationKind::Hard,
-            Some(TerminationKind::Hard) => false,
-        };
+        let upgrade = upgrades_termination(pending, kind);
         if upgrade && !status.is_terminal() {
             sqlx::query(
                 "UPDATE backend SET pending_kind = ?1, pending_reason = COALESCE(pending_reason, ?2) WHERE id = ?3",

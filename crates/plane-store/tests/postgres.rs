@@ -10,8 +10,9 @@
 //!   once the server is back.
 
 use plane_store::conformance;
-use plane_store::postgres::{PostgresOptions, PostgresStore, LOST_MESSAGE};
+use plane_store::postgres::{PostgresOptions, PostgresStore};
 use plane_store::sqlite::SqliteStore;
+use plane_store::LOST_MESSAGE;
 use plane_store::{
     ApplyOutcome, BackendUpdate, CreateOutcome, DroneRegistration, NewBackend, NewToken, ProxyRegistration,
     SharedStore, Store,
