@@ -38,7 +38,10 @@
 //!   an event until it is stored); any other string holding U+0000 is refused with
 //!   [`StoreError::Database`].
 
-use crate::rows::{json, parse, parse_opt, status_entry, to_json, upgrades_termination, LOST_MESSAGE};
+use crate::rows::{
+    json, parse, parse_opt, status_entry, termination_of_update, to_json, upgrades_termination, KnownTermination,
+    LOST_MESSAGE,
+};
 use crate::{
     ApplyOutcome, BackendRecord, BackendUpdate, CreateOutcome, DroneRecord, DroneRegistration, KeyHolder, NewBackend,
     NewToken, ProxyRecord, ProxyRegistration, Store, StoreError, StoreResult, Termination, TokenRoute,
@@ -397,24 +400,13 @@ impl PostgresStore {
             return Ok(ApplyOutcome::Stale);
         }
         // Keep what is already known about the termination unless the drone says more.
-        let pending_reason: Option<TerminationReason> =
-            parse_opt("termination reason", row.try_get("pending_reason")?)?;
-        let pending_kind: Option<TerminationKind> = parse_opt("termination kind", row.try_get("pending_kind")?)?;
-        let (reason, kind) = if u.status.is_terminating() {
-            let known_reason: Option<TerminationReason> =
-                parse_opt("termination reason", row.try_get("termination_reason")?)?;
-            let known_kind: Option<TerminationKind> = parse_opt("termination kind", row.try_get("termination_kind")?)?;
-            (
-                u.termination_reason.or(known_reason).or(pending_reason),
-                u.termination_kind.or(known_kind).or(pending_kind).or(match u.status {
-                    BackendStatus::Terminating => Some(TerminationKind::Soft),
-                    BackendStatus::HardTerminating => Some(TerminationKind::Hard),
-                    _ => None,
-                }),
-            )
-        } else {
-            (None, None)
+        let known = KnownTermination {
+            reason: parse_opt("termination reason", row.try_get("termination_reason")?)?,
+            kind: parse_opt("termination kind", row.try_get("termination_kind")?)?,
+            pending_reason: parse_opt("termination reason", row.try_get("pending_reason")?)?,
+            pending_kind: parse_opt("termination kind", row.try_get("pending_kind")?)?,
         };
+        let (reason, kind) = termination_of_update(u.status, u.termination_reason, u.termination_kind, known);
         let terminated = u.status == BackendStatus::Terminated;
         let exit_code = if terminated { u.exit_code } else { None };
         let message = storable(&u.message);

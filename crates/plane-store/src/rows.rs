@@ -65,6 +65,41 @@ pub(crate) fn upgrades_termination(pending: Option<TerminationKind>, kind: Termi
     }
 }
 
+/// What is known of a termination, as stored on a backend row.
+pub(crate) struct KnownTermination {
+    /// The reason already recorded with a status.
+    pub reason: Option<TerminationReason>,
+    /// The kind already recorded with a status.
+    pub kind: Option<TerminationKind>,
+    /// The reason of a requested, not yet reported termination.
+    pub pending_reason: Option<TerminationReason>,
+    /// The kind of a requested, not yet reported termination.
+    pub pending_kind: Option<TerminationKind>,
+}
+
+/// The reason and kind to record with an update to `status`: what the drone says, else
+/// what is already known, else what was requested; a terminating status without a kind
+/// is soft, a hard-terminating one hard. Nothing before `terminating`.
+pub(crate) fn termination_of_update(
+    status: BackendStatus,
+    reason: Option<TerminationReason>,
+    kind: Option<TerminationKind>,
+    known: KnownTermination,
+) -> (Option<TerminationReason>, Option<TerminationKind>) {
+    if !status.is_terminating() {
+        return (None, None);
+    }
+    let default_kind = match status {
+        BackendStatus::Terminating => Some(TerminationKind::Soft),
+        BackendStatus::HardTerminating => Some(TerminationKind::Hard),
+        _ => None,
+    };
+    (
+        reason.or(known.reason).or(known.pending_reason),
+        kind.or(known.kind).or(known.pending_kind).or(default_kind),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +112,34 @@ mod tests {
         assert!(!upgrades_termination(Some(Soft), Soft));
         assert!(!upgrades_termination(Some(Hard), Soft));
         assert!(!upgrades_termination(Some(Hard), Hard));
+    }
+
+    #[test]
+    fn termination_of_updates() {
+        let none = || KnownTermination {
+            reason: None,
+            kind: None,
+            pending_reason: None,
+            pending_kind: None,
+        };
+        let swept = Some(TerminationReason::Swept);
+        assert_eq!(
+            termination_of_update(BackendStatus::Ready, swept, None, none()),
+            (None, None)
+        );
+        assert_eq!(
+            termination_of_update(BackendStatus::HardTerminating, None, None, none()),
+            (None, Some(TerminationKind::Hard))
+        );
+        let requested = KnownTermination {
+            pending_reason: swept,
+            pending_kind: Some(TerminationKind::Soft),
+            ..none()
+        };
+        assert_eq!(
+            termination_of_update(BackendStatus::Terminated, None, None, requested),
+            (swept, Some(TerminationKind::Soft))
+        );
     }
 
     #[test]
