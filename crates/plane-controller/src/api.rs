@@ -168,7 +168,7 @@ impl StreamState {
 
     /// Whether progress is still worth sending: the backend has not started yet.
     fn wants_progress(&self) -> bool {
-        self.last.is_none_or(|l| l < BackendStatus::Starting)
+        self.last.is_none_or(crate::state::shows_progress)
     }
 
     async fn next(mut self) -> Option<(Result<Event, Infallible>, StreamState)> {
@@ -273,7 +273,9 @@ async fn backend_metrics(
             .metrics
             .filter(|(drone, _)| live && *drone == record.drone)
             .map(|(_, m)| m),
-        progress: observed.progress.filter(|_| record.status < BackendStatus::Starting),
+        progress: observed
+            .progress
+            .filter(|_| crate::state::shows_progress(record.status)),
         drone: record.drone,
     }))
 }

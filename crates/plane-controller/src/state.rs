@@ -36,6 +36,12 @@ pub struct ProgressChange {
     pub progress: LoadProgress,
 }
 
+/// Whether load progress is still worth showing for a backend in `status`: it has not
+/// started yet.
+pub fn shows_progress(status: plane_types::status::BackendStatus) -> bool {
+    status < plane_types::status::BackendStatus::Starting
+}
+
 /// What drones last reported of a live backend, beyond its status: kept in memory only
 /// (a restarted controller learns it again from the next reports), dropped once the
 /// backend is terminated.
@@ -126,16 +132,13 @@ impl Controller {
 
     fn observe(&self, backend_id: &BackendName, update: impl FnOnce(&mut Observed)) {
         let mut observed = lock(&self.observed);
-        if let Some(o) = observed.get_mut(backend_id) {
-            update(o);
-            o.updated = Some(Instant::now());
-        } else if observed.len() < MAX_OBSERVED {
-            let o = observed.entry(backend_id.clone()).or_default();
-            update(o);
-            o.updated = Some(Instant::now());
-        } else {
+        if observed.len() >= MAX_OBSERVED && !observed.contains_key(backend_id) {
             tracing::warn!(%backend_id, "too many backends with reports in memory; dropping a report");
+            return;
         }
+        let o = observed.entry(backend_id.clone()).or_default();
+        update(o);
+        o.updated = Some(Instant::now());
     }
 
     /// Records a load-progress report and publishes it to status streams that asked

@@ -341,8 +341,9 @@ impl BackendTask {
         let started = match tokio::time::timeout_at(startup_deadline, self.runtime.start(&spec)).await {
             Ok(Ok(started)) => started,
             Ok(Err(err)) => {
+                // A runtime cleans up after its own failed start; only a start cut
+                // short (below) can leave something behind.
                 warn!(backend_id = %self.id, %err, "backend failed to start");
-                self.abandon().await;
                 self.finish_unstarted(TerminationReason::InternalError, None, Some(err.to_string()))
                     .await;
                 return;

@@ -7,6 +7,7 @@
 
 use futures_util::StreamExt;
 use plane_drone::{DockerRuntimeConfig, DroneConfig, DroneTimings, ProcessRuntimeConfig, LABEL_BACKEND, LABEL_DRONE};
+use plane_test_image::docker as docker_cli;
 use plane_types::executable::RuntimeKind;
 use plane_types::names::DroneName;
 use plane_types::protocol::DroneToController;
@@ -16,13 +17,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn docker_cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new("docker")
-        .args(args)
-        .output()
-        .expect("running the docker command")
-}
 
 fn config(dir: &tempfile::TempDir, controller: String, name: &DroneName, allow: &[&str]) -> DroneConfig {
     DroneConfig {

@@ -14,6 +14,7 @@ use plane_drone::{
     LABEL_DRONE, LABEL_MANAGED,
 };
 use plane_test_image::registry::TestRegistry;
+use plane_test_image::{docker as docker_cli, RemoveContainers, RemoveImage};
 use plane_types::executable::Executable;
 use plane_types::names::{BackendName, DroneName};
 use std::collections::HashSet;
@@ -38,32 +39,6 @@ fn engine() -> Docker {
     Docker::connect_with_defaults().expect("a Docker client")
 }
 
-fn docker_cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new("docker")
-        .args(args)
-        .output()
-        .expect("running the docker command")
-}
-
-/// Removes every container labelled with a test's drone when dropped.
-struct RemoveContainers(DroneName);
-
-impl Drop for RemoveContainers {
-    fn drop(&mut self) {
-        let filter = format!("label={LABEL_DRONE}={}", self.0);
-        let out = docker_cli(&["ps", "-aq", "--filter", &filter]);
-        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
-        if !ids.is_empty() {
-            let mut args = vec!["rm", "-f", "-v"];
-            args.extend(ids.iter().map(String::as_str));
-            docker_cli(&args);
-        }
-    }
-}
-
 /// What every test needs: the image, its own drone name, a directory, the guard.
 struct Fixture {
     image: String,
@@ -79,7 +54,7 @@ impl Fixture {
         let drone = DroneName::new_random();
         Fixture {
             image,
-            _guard: RemoveContainers(drone.clone()),
+            _guard: RemoveContainers(drone.to_string()),
             drone,
             dir: tempfile::tempdir().expect("a temporary directory"),
         }
@@ -583,7 +558,7 @@ async fn cleanup_removes_old_stopped_containers_only() {
     wait_stopped(&handle_of(&unread).container_id).await;
     // A stopped container of another drone.
     let foreign_drone = DroneName::new_random();
-    let _foreign_guard = RemoveContainers(foreign_drone.clone());
+    let _foreign_guard = RemoveContainers(foreign_drone.to_string());
     let foreign = DockerRuntime::connect(fx.config(), foreign_drone, None, CancellationToken::new())
         .await
         .unwrap();
@@ -876,15 +851,6 @@ async fn pulls_with_credentials_progress_and_pruning() {
     );
     assert!(store.pulled_images().await.unwrap().is_empty());
     engine().inspect_image(&fx.image).await.expect("the demo image is kept");
-}
-
-/// Removes an image reference when dropped.
-struct RemoveImage(String);
-
-impl Drop for RemoveImage {
-    fn drop(&mut self) {
-        docker_cli(&["rmi", "-f", &self.0]);
-    }
 }
 
 #[tokio::test]

@@ -51,7 +51,10 @@
 //! fake registry on loopback, with optional Basic authentication, so tests can exercise
 //! real pulls (`docker pull`, credentials, progress) with no registry on the internet.
 
+mod cli;
 pub mod registry;
+
+pub use cli::{docker, docker_ok, inspect, RemoveContainers, RemoveImage};
 
 use anyhow::{bail, Context as _};
 use sha2::{Digest as _, Sha256};

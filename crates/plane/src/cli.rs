@@ -80,18 +80,30 @@ enum Command {
     Migrate(roles::MigrateArgs),
 }
 
+impl Command {
+    /// Whether this runs a server role (or another long-running or local command)
+    /// rather than a client command talking to a controller.
+    fn is_role(&self) -> bool {
+        matches!(
+            self,
+            Command::Controller(_)
+                | Command::Drone(_)
+                | Command::Proxy(_)
+                | Command::Dev(_)
+                | Command::DemoBackend
+                | Command::Migrate(_)
+        )
+    }
+}
+
 impl Cli {
     /// The default log filter when `RUST_LOG` is not set: `info` for servers, `warn`
     /// for client commands.
     pub fn default_log_filter(&self) -> &'static str {
-        match self.command {
-            Command::Controller(_)
-            | Command::Drone(_)
-            | Command::Proxy(_)
-            | Command::Dev(_)
-            | Command::DemoBackend
-            | Command::Migrate(_) => "info",
-            _ => "warn",
+        if self.command.is_role() {
+            "info"
+        } else {
+            "warn"
         }
     }
 }
@@ -274,16 +286,7 @@ fn parse_json(s: &str) -> Result<serde_json::Value, String> {
 /// Runs the command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let global = cli.controller.as_deref();
-    let is_role = matches!(
-        cli.command,
-        Command::Controller(_)
-            | Command::Drone(_)
-            | Command::Proxy(_)
-            | Command::Dev(_)
-            | Command::DemoBackend
-            | Command::Migrate(_)
-    );
-    if global.is_some() && is_role {
+    if global.is_some() && cli.command.is_role() {
         bail!("`--controller` before the subcommand applies to client commands only");
     }
     match cli.command {

@@ -5,43 +5,17 @@
 //! These tests need a running Docker engine and fail without one: CI runs them.
 
 use plane_drone::config::DockerRuntimeConfig;
+use plane_test_image::{docker_ok, inspect, RemoveContainers};
 use plane_tests::{Options, TestCluster, WAIT};
 use plane_types::api::{ApiErrorKind, NodeName};
 use plane_types::names::{BackendName, DroneName};
 use plane_types::status::{BackendStatus, TerminationKind, TerminationReason};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PLANE: &str = env!("CARGO_BIN_EXE_plane");
-
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker").args(args).output().expect("run docker")
-}
-
-fn docker_ok(args: &[&str]) -> String {
-    let out = docker(args);
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// Removes every container of a drone when the test ends, even on failure.
-struct Containers(String);
-
-impl Drop for Containers {
-    fn drop(&mut self) {
-        let filter = format!("label=dev.plane.drone={}", self.0);
-        let ids = docker(&["ps", "-aq", "--filter", &filter]);
-        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = docker(&["rm", "-f", id]);
-        }
-    }
-}
 
 fn docker_config(mounts: &Path) -> DockerRuntimeConfig {
     DockerRuntimeConfig {
@@ -56,7 +30,7 @@ struct DockerCluster {
     image: String,
     drone: DroneName,
     mounts: tempfile::TempDir,
-    _containers: Containers,
+    _containers: RemoveContainers,
 }
 
 async fn drone_name(tc: &TestCluster) -> DroneName {
@@ -77,7 +51,7 @@ impl DockerCluster {
         let tc = TestCluster::start(options).await.unwrap();
         let drone = drone_name(&tc).await;
         DockerCluster {
-            _containers: Containers(drone.to_string()),
+            _containers: RemoveContainers(drone.to_string()),
             tc,
             image,
             drone,
@@ -105,12 +79,6 @@ impl DockerCluster {
         assert!(res.status().is_success(), "GET {path}: {}", res.status());
         res.json().await.unwrap()
     }
-}
-
-fn inspect(container: &str) -> Value {
-    let text = docker_ok(&["inspect", container]);
-    let mut all: Vec<Value> = serde_json::from_str(&text).unwrap();
-    all.remove(0)
 }
 
 /// Polls `f` until it returns `Some`, failing after [`WAIT`].
@@ -141,7 +109,7 @@ async fn full_lifecycle_through_the_proxy() {
 
     // Named and labelled so a restarted drone finds it.
     let container = format!("plane-{id}");
-    let info = inspect(&container);
+    let info = inspect(&container).expect("the container exists");
     assert_eq!(info["State"]["Running"], true);
     assert_eq!(info["Config"]["Labels"]["dev.plane.backend"], id.as_str());
     assert_eq!(info["Config"]["Labels"]["dev.plane.drone"], dc.drone.as_str());
@@ -188,7 +156,7 @@ async fn full_lifecycle_through_the_proxy() {
     assert_eq!(last.termination_kind, Some(TerminationKind::Soft));
     // The demo backend exits cleanly on SIGTERM.
     assert_eq!(last.exit_error, Some(false), "{last:?}");
-    let info = inspect(&container);
+    let info = inspect(&container).expect("the container exists");
     assert_eq!(info["State"]["Running"], false);
     let gone = dc.tc.http.get(&res.url).send().await.unwrap();
     assert_eq!(gone.status(), 410);
@@ -365,7 +333,10 @@ async fn soft_terminate_sends_sigterm_then_sigkill_after_the_grace_period() {
     );
     // Killed by SIGKILL: exit code 137.
     assert_eq!(last.exit_error, Some(true), "{last:?}");
-    assert_eq!(inspect(&format!("plane-{id}"))["State"]["ExitCode"], 137);
+    assert_eq!(
+        inspect(&format!("plane-{id}")).expect("the container exists")["State"]["ExitCode"],
+        137
+    );
     dc.tc.shutdown().await.unwrap();
 }
 
@@ -453,7 +424,7 @@ async fn a_drone_killed_with_sigkill_readopts_its_containers() {
     options.lease_unit = Duration::from_secs(1);
     let tc = TestCluster::start(options).await.unwrap();
     let name: DroneName = format!("dr-restart-{}", std::process::id()).parse().unwrap();
-    let _containers = Containers(name.to_string());
+    let _containers = RemoveContainers(name.to_string());
     let db = dir.path().join("drone.db");
     let log = dir.path().join("drone.log");
     let mut drone = spawn_drone(&tc, &name, &db, mounts.path(), &log);
@@ -485,15 +456,17 @@ async fn a_drone_killed_with_sigkill_readopts_its_containers() {
     let _drone = spawn_drone(&tc, &name, &db, mounts.path(), &log);
     wait_drone_ready(&tc, &name, true).await;
 
-    // The one stopped while the drone was down is reported lost.
-    let last = tc
-        .wait_status(&stopped.backend_id, BackendStatus::Terminated)
-        .await
-        .unwrap();
-    assert_eq!(last.termination_reason, Some(TerminationReason::Lost), "{last:?}");
+    // Those stopped or removed while the drone was down are reported lost.
+    for gone in [&stopped, &removed] {
+        let last = tc
+            .wait_status(&gone.backend_id, BackendStatus::Terminated)
+            .await
+            .unwrap();
+        assert_eq!(last.termination_reason, Some(TerminationReason::Lost), "{last:?}");
+    }
     // The unknown Plane container is stopped.
     eventually("the unknown container to be stopped", || {
-        (inspect(&stranger)["State"]["Running"] == false).then_some(())
+        (inspect(&stranger).expect("the container exists")["State"]["Running"] == false).then_some(())
     })
     .await;
 

@@ -13,6 +13,7 @@
 
 use plane_drone::config::DockerRuntimeConfig;
 use plane_test_image::registry::{RegistryOptions, TestRegistry};
+use plane_test_image::{inspect, RemoveContainers, RemoveImage};
 use plane_tests::{Options, TestCluster};
 use plane_types::api::{ClusterState, NodeName};
 use plane_types::executable::RuntimeKind;
@@ -96,54 +97,6 @@ async fn wait_line(
     }
 }
 
-/// Removes every container of a drone when dropped, even on failure.
-struct Containers(String);
-
-impl Drop for Containers {
-    fn drop(&mut self) {
-        let filter = format!("label=dev.plane.drone={}", self.0);
-        let Ok(ids) = std::process::Command::new("docker")
-            .args(["ps", "-aq", "--filter", &filter])
-            .output()
-        else {
-            return;
-        };
-        let ids = text(&ids.stdout);
-        let ids: Vec<&str> = ids.split_whitespace().collect();
-        if !ids.is_empty() {
-            let _ = std::process::Command::new("docker")
-                .args(["rm", "-f", "-v"])
-                .args(&ids)
-                .output();
-        }
-    }
-}
-
-/// Removes an image reference when dropped.
-struct RemoveImage(String);
-
-impl Drop for RemoveImage {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("docker")
-            .args(["rmi", "-f", &self.0])
-            .output();
-    }
-}
-
-/// `docker inspect <container>`, or `None` if there is no such container.
-async fn inspect(container: &str) -> Option<Value> {
-    let out = tokio::process::Command::new("docker")
-        .args(["inspect", container])
-        .output()
-        .await
-        .expect("running docker inspect");
-    if !out.status.success() {
-        return None;
-    }
-    let mut all: Vec<Value> = serde_json::from_slice(&out.stdout).expect("docker inspect prints JSON");
-    Some(all.remove(0))
-}
-
 /// The value in a `<name>   <value>` line of what `plane connect` prints.
 fn field<'a>(lines: &'a [String], name: &str) -> &'a str {
     lines
@@ -185,7 +138,7 @@ async fn plane_connect_shows_pull_progress_and_registry_errors() {
     let NodeName::Drone(drone) = &state.drones[0].node.name else {
         panic!("not a drone: {state:?}")
     };
-    let _containers = Containers(drone.to_string());
+    let _containers = RemoveContainers(drone.to_string());
     let executable = |password: &str| {
         json!({
             "image": pulled,
@@ -282,9 +235,7 @@ async fn plane_connect_shows_pull_progress_and_registry_errors() {
         .await
         .unwrap();
     assert_eq!(env["SESSION_BACKEND_ID"], backend.as_str(), "{env}");
-    let container = inspect(&format!("plane-{backend}"))
-        .await
-        .expect("the container exists");
+    let container = inspect(&format!("plane-{backend}")).expect("the container exists");
     assert_eq!(container["Config"]["Image"], pulled.as_str());
 
     let id = backend.parse().unwrap();
@@ -469,7 +420,7 @@ async fn plane_dev_runs_docker_and_process_backends_side_by_side() {
     let image = plane_test_image::test_image().await;
     let mut dev = Dev::start(&[]).await;
     let (drone, runtimes) = dev.drone().await;
-    let _containers = Containers(drone.clone());
+    let _containers = RemoveContainers(drone.clone());
     assert!(
         runtimes.contains(&RuntimeKind::Docker) && runtimes.contains(&RuntimeKind::Process),
         "{runtimes:?}; log:\n{}",
@@ -491,7 +442,7 @@ async fn plane_dev_runs_docker_and_process_backends_side_by_side() {
     assert_eq!(env["SESSION_BACKEND_ID"], docker_id.as_str(), "{env}");
     assert_eq!(env["PORT"], "8080", "the container's port: {env}");
     let container = format!("plane-{docker_id}");
-    let info = inspect(&container).await.expect("the backend's container exists");
+    let info = inspect(&container).expect("the backend's container exists");
     assert_eq!(info["State"]["Running"], true);
     assert_eq!(info["Config"]["Labels"]["dev.plane.drone"], drone.as_str());
     assert_eq!(info["Config"]["Image"], image.as_str());
@@ -503,19 +454,14 @@ async fn plane_dev_runs_docker_and_process_backends_side_by_side() {
     let (status, page) = fetch(&http, &process_url).await;
     assert_eq!(status, 200);
     assert!(page.contains(&process_id), "the demo page shows its backend id");
-    assert!(
-        inspect(&format!("plane-{process_id}")).await.is_none(),
-        "not a container"
-    );
+    assert!(inspect(&format!("plane-{process_id}")).is_none(), "not a container");
     let (status, body) = fetch(&http, &format!("{docker_url}env")).await;
     assert_eq!(status, 200, "the container still answers: {body}");
     let state = dev.cluster_state().await;
     assert_eq!(state.drones[0].backend_count, 2, "{state:?}");
 
     dev.terminate(&docker_id).await;
-    let info = inspect(&container)
-        .await
-        .expect("a stopped container is kept for a while");
+    let info = inspect(&container).expect("a stopped container is kept for a while");
     assert_eq!(info["State"]["Running"], false);
     assert_eq!(
         info["State"]["ExitCode"], 0,

@@ -64,15 +64,6 @@ async fn a_cluster_on_postgres_serves_connects_and_survives_a_controller_restart
     tc.shutdown().await.unwrap();
 }
 
-/// Stops a child process when the test ends.
-struct Child(tokio::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
 #[tokio::test]
 async fn plane_migrate_and_plane_controller_on_postgres() {
     let db = database().await;
@@ -103,16 +94,15 @@ async fn plane_migrate_and_plane_controller_on_postgres() {
     assert!(!stderr.contains("hunter2"), "{stderr}");
 
     let port = plane_tests::free_port();
-    let _controller = Child(
-        tokio::process::Command::new(PLANE)
-            .args(["controller", "--db", &db.url(), "--port", &port.to_string()])
-            .args(["--default-cluster", "localhost:9999"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap(),
-    );
+    // Killed when dropped, at the end of the test.
+    let _controller = tokio::process::Command::new(PLANE)
+        .args(["controller", "--db", &db.url(), "--port", &port.to_string()])
+        .args(["--default-cluster", "localhost:9999"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     let client = plane_client::PlaneClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
     let deadline = Instant::now() + WAIT;
     while client.controller_status().await.is_err() {

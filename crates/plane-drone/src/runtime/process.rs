@@ -227,6 +227,8 @@ pub(crate) struct ProcStat {
     pub state: char,
     /// Field 5: the process group.
     pub pgrp: i64,
+    /// Fields 14 and 15: user plus system CPU time, in `USER_HZ` ticks.
+    pub cpu_ticks: u64,
     /// Field 22: start time in clock ticks since boot.
     pub start_time: u64,
 }
@@ -241,6 +243,7 @@ pub(crate) fn parse_proc_stat(text: &str) -> Option<ProcStat> {
     Some(ProcStat {
         state: field(3)?.chars().next()?,
         pgrp: field(5)?.parse().ok()?,
+        cpu_ticks: field(14)?.parse::<u64>().ok()? + field(15)?.parse::<u64>().ok()?,
         start_time: field(22)?.parse().ok()?,
     })
 }
@@ -262,17 +265,6 @@ struct GroupUsage {
 /// Plane runs on (the kernel exports it as a constant, whatever its internal HZ).
 const USER_HZ: u64 = 100;
 
-/// Parses the user and system CPU time (fields 14 and 15, in `USER_HZ` ticks) and the
-/// process group (field 5) from `/proc/<pid>/stat`.
-fn parse_cpu_ticks(text: &str) -> Option<(i64, u64)> {
-    let rest = text.get(text.rfind(')')? + 1..)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| fields.get(n - 3).copied();
-    let utime: u64 = field(14)?.parse().ok()?;
-    let stime: u64 = field(15)?.parse().ok()?;
-    Some((field(5)?.parse().ok()?, utime + stime))
-}
-
 /// Sums RSS and CPU time over the processes of group `pgid` (a backend's process
 /// group), by scanning `/proc`. `None` if `/proc` cannot be read.
 fn group_usage(pgid: u32) -> Option<GroupUsage> {
@@ -281,16 +273,13 @@ fn group_usage(pgid: u32) -> Option<GroupUsage> {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        let Ok(stat) = read_proc_stat(pid) else {
             continue;
         };
-        let Some((pgrp, ticks)) = parse_cpu_ticks(&stat) else {
-            continue;
-        };
-        if pgrp != i64::from(pgid) {
+        if stat.pgrp != i64::from(pgid) {
             continue;
         }
-        usage.cpu_nanos += ticks * (1_000_000_000 / USER_HZ);
+        usage.cpu_nanos += stat.cpu_ticks * (1_000_000_000 / USER_HZ);
         let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
             .and_then(|status| {
@@ -617,6 +606,7 @@ mod tests {
             ProcStat {
                 state: 'S',
                 pgrp: 1234,
+                cpu_ticks: 0,
                 start_time: 987654
             }
         );
@@ -852,8 +842,8 @@ mod tests {
     #[test]
     fn cpu_ticks_are_parsed_after_the_command_name() {
         let stat = "42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 1 0 99 0 0";
-        assert_eq!(parse_cpu_ticks(stat), Some((42, 12)));
-        assert_eq!(parse_cpu_ticks("garbage"), None);
+        assert_eq!(parse_proc_stat(stat).map(|s| (s.pgrp, s.cpu_ticks)), Some((42, 12)));
+        assert_eq!(parse_proc_stat("garbage"), None);
     }
 
     #[tokio::test]

@@ -90,8 +90,6 @@ pub(crate) struct Inner {
     config: DockerRuntimeConfig,
     drone: DroneName,
     store: Option<StateStore>,
-    /// The engine's address, for messages.
-    address: String,
     /// Engine clock minus drone clock, in ms, measured when connecting.
     clock_offset_ms: i64,
     tracker: Tracker,
@@ -258,7 +256,6 @@ impl DockerRuntime {
             config,
             drone,
             store,
-            address,
             clock_offset_ms,
             tracker: Tracker::default(),
             events: EventsControl::default(),
@@ -271,11 +268,6 @@ impl DockerRuntime {
         tokio::spawn(events::run(inner.clone(), since_ns, cancel.clone()));
         tokio::spawn(cleanup::run(inner.clone(), cancel.clone()));
         Ok(DockerRuntime { inner, cancel })
-    }
-
-    /// The engine address this runtime talks to.
-    pub fn engine_address(&self) -> &str {
-        &self.inner.address
     }
 
     /// Runs one cleanup pass now (the background task runs them periodically).
