@@ -4,7 +4,8 @@
 //! Call [`run_all`] with a factory that returns a fresh, empty store.
 
 use crate::{
-    ApplyOutcome, BackendUpdate, CreateOutcome, DroneRegistration, NewBackend, NewToken, ProxyRegistration, SharedStore,
+    ApplyOutcome, BackendUpdate, CreateOutcome, DroneRegistration, NewBackend, NewToken, ProxyRegistration,
+    SharedStore, Store,
 };
 use plane_types::api::KeyConfig;
 use plane_types::executable::{Executable, RuntimeKind};
@@ -30,7 +31,8 @@ where
     concurrent_creates_yield_one_holder(make().await).await;
 }
 
-fn cluster() -> ClusterName {
+/// The cluster every fixture uses.
+pub fn cluster() -> ClusterName {
     "c1.test:9000".parse().unwrap()
 }
 
@@ -38,7 +40,8 @@ fn process_exe() -> Executable {
     Executable::from_json(&serde_json::json!({"command": ["true"]})).unwrap()
 }
 
-async fn drone(store: &SharedStore, name: &str) -> DroneName {
+/// Registers a process drone named `name` in [`cluster`].
+pub async fn drone(store: &dyn Store, name: &str) -> DroneName {
     let name: DroneName = name.parse().unwrap();
     store
         .register_drone(&DroneRegistration {
@@ -55,7 +58,8 @@ async fn drone(store: &SharedStore, name: &str) -> DroneName {
     name
 }
 
-fn key(name: &str) -> KeyConfig {
+/// A key in the default namespace, with no tag.
+pub fn key(name: &str) -> KeyConfig {
     KeyConfig {
         name: name.into(),
         namespace: String::new(),
@@ -63,7 +67,13 @@ fn key(name: &str) -> KeyConfig {
     }
 }
 
-fn new_backend(id: &str, drone: &DroneName, key_name: &str) -> NewBackend {
+/// A process backend for `key_name` on `drone`, with a 60 s lease.
+pub fn new_backend(id: &str, drone: &DroneName, key_name: &str) -> NewBackend {
+    new_backend_with_lease(id, drone, key_name, Duration::from_secs(60))
+}
+
+/// [`new_backend`] with another lease.
+pub fn new_backend_with_lease(id: &str, drone: &DroneName, key_name: &str, lease: Duration) -> NewBackend {
     NewBackend {
         id: id.parse().unwrap(),
         cluster: cluster(),
@@ -75,11 +85,12 @@ fn new_backend(id: &str, drone: &DroneName, key_name: &str) -> NewBackend {
         max_idle_seconds: None,
         static_token: None,
         subdomain: None,
-        lease_duration: Duration::from_secs(60),
+        lease_duration: lease,
     }
 }
 
-fn update(id: &BackendName, status: BackendStatus) -> BackendUpdate {
+/// An update to `status` with nothing else said.
+pub fn update(id: &BackendName, status: BackendStatus) -> BackendUpdate {
     BackendUpdate {
         backend_id: id.clone(),
         status,
@@ -92,7 +103,7 @@ fn update(id: &BackendName, status: BackendStatus) -> BackendUpdate {
 }
 
 async fn drones_register_heartbeat_and_drain(store: SharedStore) {
-    let d = drone(&store, "dr-one").await;
+    let d = drone(&*store, "dr-one").await;
     store.controller_heartbeat(&"co-test".parse().unwrap()).await.unwrap();
     store.drone_heartbeat(&d).await.unwrap();
     let drones = store.drones(&cluster()).await.unwrap();
@@ -140,7 +151,7 @@ async fn drones_register_heartbeat_and_drain(store: SharedStore) {
         .unwrap()
         .is_empty());
     // Re-registering (a reconnect) keeps the drain.
-    drone(&store, "dr-one").await;
+    drone(&*store, "dr-one").await;
     assert!(store.drones(&cluster()).await.unwrap()[0].draining);
     store.drone_disconnected(&d).await.unwrap();
     assert!(!store.drones(&cluster()).await.unwrap()[0].ready);
@@ -159,7 +170,7 @@ async fn drones_register_heartbeat_and_drain(store: SharedStore) {
 }
 
 async fn keys_are_exclusive_and_fencing_tokens_increase(store: SharedStore) {
-    let d = drone(&store, "dr-one").await;
+    let d = drone(&*store, "dr-one").await;
     let CreateOutcome::Created { fencing_token: f1 } = store.create_backend(&new_backend("b1", &d, "k")).await.unwrap()
     else {
         panic!("first create must succeed")
@@ -193,7 +204,7 @@ async fn keys_are_exclusive_and_fencing_tokens_increase(store: SharedStore) {
 }
 
 async fn statuses_only_move_forward(store: SharedStore) {
-    let d = drone(&store, "dr-one").await;
+    let d = drone(&*store, "dr-one").await;
     store.create_backend(&new_backend("b1", &d, "k")).await.unwrap();
     let id: BackendName = "b1".parse().unwrap();
     let mut ready = update(&id, BackendStatus::Ready);
@@ -210,7 +221,7 @@ async fn statuses_only_move_forward(store: SharedStore) {
             .unwrap(),
         ApplyOutcome::Stale
     );
-    let other = drone(&store, "dr-two").await;
+    let other = drone(&*store, "dr-two").await;
     assert_eq!(
         store
             .apply_update(&other, &update(&id, BackendStatus::Terminated))
@@ -238,7 +249,7 @@ async fn statuses_only_move_forward(store: SharedStore) {
 }
 
 async fn termination_releases_key(store: SharedStore) {
-    let d = drone(&store, "dr-one").await;
+    let d = drone(&*store, "dr-one").await;
     store.create_backend(&new_backend("b1", &d, "k")).await.unwrap();
     let id: BackendName = "b1".parse().unwrap();
     let mut term = update(&id, BackendStatus::Terminating);
@@ -267,7 +278,7 @@ async fn termination_releases_key(store: SharedStore) {
 }
 
 async fn renewal_and_expiry(store: SharedStore) {
-    let d = drone(&store, "dr-one").await;
+    let d = drone(&*store, "dr-one").await;
     let mut b = new_backend("b1", &d, "k");
     b.lease_duration = Duration::from_millis(300);
     let CreateOutcome::Created { fencing_token } = store.create_backend(&b).await.unwrap() else {
@@ -309,7 +320,7 @@ async fn renewal_and_expiry(store: SharedStore) {
 }
 
 async fn tokens_route_and_revoke(store: SharedStore) {
-    let d = drone(&store, "dr-one").await;
+    let d = drone(&*store, "dr-one").await;
     store.create_backend(&new_backend("b1", &d, "k")).await.unwrap();
     let id: BackendName = "b1".parse().unwrap();
     for (tok, user) in [("t1", "alice"), ("t2", "alice"), ("t3", "bob")] {
@@ -350,7 +361,7 @@ async fn tokens_route_and_revoke(store: SharedStore) {
 }
 
 async fn sweep_idle_and_lifetime(store: SharedStore) {
-    let d = drone(&store, "dr-one").await;
+    let d = drone(&*store, "dr-one").await;
     let mut idle = new_backend("idle", &d, "k1");
     idle.max_idle_seconds = Some(0);
     store.create_backend(&idle).await.unwrap();
@@ -394,7 +405,7 @@ async fn sweep_idle_and_lifetime(store: SharedStore) {
 }
 
 async fn termination_requests(store: SharedStore) {
-    let d = drone(&store, "dr-one").await;
+    let d = drone(&*store, "dr-one").await;
     store.create_backend(&new_backend("b1", &d, "k")).await.unwrap();
     let id: BackendName = "b1".parse().unwrap();
     assert_eq!(store.scheduled_backends(&d).await.unwrap().len(), 1);
@@ -427,7 +438,7 @@ async fn termination_requests(store: SharedStore) {
 }
 
 async fn concurrent_creates_yield_one_holder(store: SharedStore) {
-    let d = drone(&store, "dr-one").await;
+    let d = drone(&*store, "dr-one").await;
     let mut tasks = Vec::new();
     for i in 0..20 {
         let store = store.clone();

@@ -10,17 +10,13 @@
 //!   once the server is back.
 
 use plane_store::conformance;
+use plane_store::conformance::{cluster, drone, key, new_backend_with_lease, update};
 use plane_store::postgres::{PostgresOptions, PostgresStore};
 use plane_store::sqlite::SqliteStore;
 use plane_store::LOST_MESSAGE;
-use plane_store::{
-    ApplyOutcome, BackendUpdate, CreateOutcome, DroneRegistration, NewBackend, NewToken, ProxyRegistration,
-    SharedStore, Store,
-};
+use plane_store::{ApplyOutcome, CreateOutcome, NewToken, ProxyRegistration, SharedStore, Store};
 use plane_test_postgres::TestPostgres;
-use plane_types::api::KeyConfig;
-use plane_types::executable::{Executable, RuntimeKind};
-use plane_types::names::{BackendName, ClusterName, DroneName};
+use plane_types::names::BackendName;
 use plane_types::status::{BackendStatus, TerminationKind, TerminationReason};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -36,63 +32,6 @@ async fn fresh_store(options: &PostgresOptions) -> PostgresStore {
     PostgresStore::connect_with(&db.url(), options)
         .await
         .unwrap_or_else(|e| panic!("connecting to {}: {e}", db.url()))
-}
-
-fn cluster() -> ClusterName {
-    "c1.test:9000".parse().unwrap()
-}
-
-fn key(name: &str) -> KeyConfig {
-    KeyConfig {
-        name: name.into(),
-        namespace: String::new(),
-        tag: String::new(),
-    }
-}
-
-fn new_backend(id: &str, drone: &DroneName, key_name: &str, lease: Duration) -> NewBackend {
-    NewBackend {
-        id: id.parse().unwrap(),
-        cluster: cluster(),
-        pool: String::new(),
-        drone: drone.clone(),
-        executable: Executable::from_json(&serde_json::json!({"command": ["true"]})).unwrap(),
-        key: key(key_name),
-        lifetime_limit_seconds: None,
-        max_idle_seconds: None,
-        static_token: None,
-        subdomain: None,
-        lease_duration: lease,
-    }
-}
-
-fn update(id: &BackendName, status: BackendStatus) -> BackendUpdate {
-    BackendUpdate {
-        backend_id: id.clone(),
-        status,
-        address: None,
-        exit_code: None,
-        termination_reason: None,
-        termination_kind: None,
-        message: None,
-    }
-}
-
-async fn register_drone(store: &dyn Store, name: &str) -> DroneName {
-    let name: DroneName = name.parse().unwrap();
-    store
-        .register_drone(&DroneRegistration {
-            name: name.clone(),
-            cluster: cluster(),
-            pool: String::new(),
-            runtimes: vec![RuntimeKind::Process],
-            plane_version: "0.1.0".into(),
-            plane_hash: "h".into(),
-            controller: "co-test".parse().unwrap(),
-        })
-        .await
-        .unwrap();
-    name
 }
 
 /// Polls `check` until it holds, failing after `within`.
@@ -126,7 +65,7 @@ async fn conformance_suite() {
 /// differ between stores (times, ages, fencing token values) taken out.
 async fn transcript(store: &dyn Store) -> Vec<String> {
     let mut out = Vec::new();
-    let d = register_drone(store, "dr-one").await;
+    let d = drone(store, "dr-one").await;
     store.controller_heartbeat(&"co-test".parse().unwrap()).await.unwrap();
     store
         .register_proxy(&ProxyRegistration {
@@ -140,14 +79,14 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
         .unwrap();
     let long = Duration::from_secs(60);
     let mut tokens = Vec::new();
-    let mut b1 = new_backend("b1", &d, "k", long);
+    let mut b1 = new_backend_with_lease("b1", &d, "k", long);
     b1.static_token = Some("s.static".into());
     b1.subdomain = Some("sub".into());
     b1.lifetime_limit_seconds = Some(3600);
     for b in [
         &b1,
-        &new_backend("b2", &d, "k", long),
-        &new_backend("b1", &d, "other", long),
+        &new_backend_with_lease("b2", &d, "k", long),
+        &new_backend_with_lease("b1", &d, "other", long),
     ] {
         let outcome = store.create_backend(b).await.unwrap();
         if let CreateOutcome::Created { fencing_token } = outcome {
@@ -210,12 +149,12 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
 
     // A lifetime of 0 is swept at once; huge limits are never reached (and must not
     // overflow); idle time counts only once ready.
-    let mut b3 = new_backend("b3", &d, "k", long);
+    let mut b3 = new_backend_with_lease("b3", &d, "k", long);
     b3.lifetime_limit_seconds = Some(0);
-    let mut b5 = new_backend("b5", &d, "k5", long);
+    let mut b5 = new_backend_with_lease("b5", &d, "k5", long);
     b5.lifetime_limit_seconds = Some(u64::MAX);
     b5.max_idle_seconds = Some(u64::MAX);
-    let mut b6 = new_backend("b6", &d, "k6", long);
+    let mut b6 = new_backend_with_lease("b6", &d, "k6", long);
     b6.max_idle_seconds = Some(0);
     for b in [&b3, &b5, &b6] {
         if let CreateOutcome::Created { fencing_token } = store.create_backend(b).await.unwrap() {
@@ -245,7 +184,7 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
     out.push(format!("sweep once: {:?}", store.sweep().await.unwrap()));
 
     // A lease that runs out: the backend is marked lost once, and the key is free.
-    let b4 = new_backend("b4", &d, "k4", Duration::from_millis(200));
+    let b4 = new_backend_with_lease("b4", &d, "k4", Duration::from_millis(200));
     if let CreateOutcome::Created { fencing_token } = store.create_backend(&b4).await.unwrap() {
         tokens.push(fencing_token);
     }
@@ -343,8 +282,8 @@ async fn answers_like_the_sqlite_store() {
 #[tokio::test]
 async fn drone_messages_with_nul_characters_are_stored() {
     let store = fresh_store(&PostgresOptions::default()).await;
-    let d = register_drone(&store, "dr-one").await;
-    let b = new_backend("b1", &d, "k", Duration::from_secs(60));
+    let d = drone(&store, "dr-one").await;
+    let b = new_backend_with_lease("b1", &d, "k", Duration::from_secs(60));
     store.create_backend(&b).await.unwrap();
     let mut u = update(&b.id, BackendStatus::Terminated);
     u.message = Some("exit\0ed".into());
@@ -379,7 +318,7 @@ async fn stress_one_holder_per_key_and_increasing_tokens() {
         ..PostgresOptions::default()
     };
     let store = Arc::new(fresh_store(&options).await);
-    let d = register_drone(&*store, "dr-one").await;
+    let d = drone(&*store, "dr-one").await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let started = Instant::now();
 
@@ -395,7 +334,7 @@ async fn stress_one_holder_per_key_and_increasing_tokens() {
             let mut won = 0;
             for r in 0..ROUNDS {
                 let key_name = format!("key{}", (w + r) % KEYS);
-                let b = new_backend(&format!("s{w}-{r}"), &d, &key_name, Duration::from_secs(60));
+                let b = new_backend_with_lease(&format!("s{w}-{r}"), &d, &key_name, Duration::from_secs(60));
                 let fencing_token = match store.create_backend(&b).await.unwrap() {
                     CreateOutcome::Created { fencing_token } => fencing_token,
                     CreateOutcome::KeyHeld => continue,
@@ -506,7 +445,7 @@ async fn stress_one_holder_per_key_and_increasing_tokens() {
                 for i in 0..RACERS {
                     let (store, b) = (
                         store.clone(),
-                        new_backend(&format!("e{k}-{round}-{i}"), &d, &key_name, lease),
+                        new_backend_with_lease(&format!("e{k}-{round}-{i}"), &d, &key_name, lease),
                     );
                     racers.push(tokio::spawn(async move {
                         let outcome = store.create_backend(&b).await.unwrap();
@@ -550,7 +489,7 @@ async fn stress_one_holder_per_key_and_increasing_tokens() {
     const EXPIRED: usize = 12;
     let mut expired = Vec::new();
     for i in 0..EXPIRED {
-        let b = new_backend(&format!("x{i}"), &d, &format!("xkey{i}"), Duration::from_millis(300));
+        let b = new_backend_with_lease(&format!("x{i}"), &d, &format!("xkey{i}"), Duration::from_millis(300));
         assert!(matches!(
             store.create_backend(&b).await.unwrap(),
             CreateOutcome::Created { .. }
@@ -603,7 +542,7 @@ async fn stress_one_holder_per_key_and_increasing_tokens() {
     const DUE: usize = 16;
     let mut due = HashSet::new();
     for i in 0..DUE {
-        let mut b = new_backend(&format!("due{i}"), &d, &format!("duekey{i}"), Duration::from_secs(60));
+        let mut b = new_backend_with_lease(&format!("due{i}"), &d, &format!("duekey{i}"), Duration::from_secs(60));
         b.lifetime_limit_seconds = Some(0);
         store.create_backend(&b).await.unwrap();
         due.insert(b.id);
@@ -712,10 +651,10 @@ async fn migrations_are_idempotent_and_may_run_concurrently() {
         store.migrate().await.unwrap();
     }
     let store = &stores[0];
-    let d = register_drone(store, "dr-one").await;
+    let d = drone(store, "dr-one").await;
     assert!(matches!(
         store
-            .create_backend(&new_backend("b1", &d, "k", Duration::from_secs(60)))
+            .create_backend(&new_backend_with_lease("b1", &d, "k", Duration::from_secs(60)))
             .await
             .unwrap(),
         CreateOutcome::Created { fencing_token: 1 }
@@ -760,8 +699,8 @@ async fn an_outage_fails_calls_quickly_and_the_store_recovers() {
     )
     .await
     .unwrap();
-    let d = register_drone(&store, "dr-one").await;
-    let b = new_backend("b1", &d, "k", Duration::from_secs(60));
+    let d = drone(&store, "dr-one").await;
+    let b = new_backend_with_lease("b1", &d, "k", Duration::from_secs(60));
     store.create_backend(&b).await.unwrap();
     let shown = format!("{store:?}");
     assert!(shown.contains(&pg.port().to_string()), "{shown}");
@@ -772,7 +711,7 @@ async fn an_outage_fails_calls_quickly_and_the_store_recovers() {
         let result = match call {
             "ping" => store.ping().await.map(|_| ()),
             "create_backend" => store
-                .create_backend(&new_backend("b2", &d, "k2", Duration::from_secs(60)))
+                .create_backend(&new_backend_with_lease("b2", &d, "k2", Duration::from_secs(60)))
                 .await
                 .map(|_| ()),
             _ => store
@@ -812,7 +751,7 @@ async fn an_outage_fails_calls_quickly_and_the_store_recovers() {
     ));
     assert!(matches!(
         store
-            .create_backend(&new_backend("b2", &d, "k2", Duration::from_secs(60)))
+            .create_backend(&new_backend_with_lease("b2", &d, "k2", Duration::from_secs(60)))
             .await
             .unwrap(),
         CreateOutcome::Created { .. }
