@@ -84,7 +84,7 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
 
     writer.abort();
     if c.remove_drone(&drone, conn_id) {
-        if let Err(e) = c.store().drone_disconnected(&drone).await {
+        if let Err(e) = c.store().drone_disconnected(&drone, &c.config.name).await {
             tracing::warn!(%drone, error = %e, "cannot record drone disconnect");
         }
     }

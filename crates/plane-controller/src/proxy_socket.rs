@@ -94,7 +94,7 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
     lookups.abort_all();
     writer.abort();
     c.remove_proxy(conn_id);
-    if let Err(e) = c.store().proxy_disconnected(&hello.name).await {
+    if let Err(e) = c.store().proxy_disconnected(&hello.name, &c.config.name).await {
         tracing::warn!(proxy = %hello.name, error = %e, "cannot record proxy disconnect");
     }
     tracing::info!(proxy = %hello.name, "proxy disconnected");

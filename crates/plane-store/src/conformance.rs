@@ -153,7 +153,10 @@ async fn drones_register_heartbeat_and_drain(store: SharedStore) {
     // Re-registering (a reconnect) keeps the drain.
     drone(&*store, "dr-one").await;
     assert!(store.drones(&cluster()).await.unwrap()[0].draining);
-    store.drone_disconnected(&d).await.unwrap();
+    // A disconnect seen by a controller the drone has left changes nothing.
+    store.drone_disconnected(&d, &"co-other".parse().unwrap()).await.unwrap();
+    assert!(store.drones(&cluster()).await.unwrap()[0].ready);
+    store.drone_disconnected(&d, &"co-test".parse().unwrap()).await.unwrap();
     assert!(!store.drones(&cluster()).await.unwrap()[0].ready);
 
     let p = ProxyRegistration {
@@ -165,7 +168,9 @@ async fn drones_register_heartbeat_and_drain(store: SharedStore) {
     };
     store.register_proxy(&p).await.unwrap();
     assert_eq!(store.proxies(&cluster()).await.unwrap()[0].registration, p);
-    store.proxy_disconnected(&p.name).await.unwrap();
+    store.proxy_disconnected(&p.name, &"co-other".parse().unwrap()).await.unwrap();
+    assert_eq!(store.proxies(&cluster()).await.unwrap().len(), 1);
+    store.proxy_disconnected(&p.name, &p.controller).await.unwrap();
     assert!(store.proxies(&cluster()).await.unwrap().is_empty());
 }
 

@@ -324,8 +324,9 @@ pub trait Store: Send + Sync + 'static {
     /// Records a drone heartbeat.
     async fn drone_heartbeat(&self, name: &DroneName) -> StoreResult<()>;
 
-    /// Marks a drone disconnected.
-    async fn drone_disconnected(&self, name: &DroneName) -> StoreResult<()>;
+    /// Marks a drone disconnected, if `controller` is still the one it is connected to
+    /// (a drone that moved to another controller stays connected there).
+    async fn drone_disconnected(&self, name: &DroneName, controller: &ControllerName) -> StoreResult<()>;
 
     /// Starts draining a drone. `None` if unknown; `Some(false)` if already draining.
     async fn drain_drone(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>>;
@@ -346,8 +347,8 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts or updates a proxy, marking it connected.
     async fn register_proxy(&self, reg: &ProxyRegistration) -> StoreResult<()>;
 
-    /// Marks a proxy disconnected.
-    async fn proxy_disconnected(&self, name: &ProxyName) -> StoreResult<()>;
+    /// Marks a proxy disconnected, if `controller` is still the one it is connected to.
+    async fn proxy_disconnected(&self, name: &ProxyName, controller: &ControllerName) -> StoreResult<()>;
 
     /// The connected proxies of a cluster.
     async fn proxies(&self, cluster: &ClusterName) -> StoreResult<Vec<ProxyRecord>>;

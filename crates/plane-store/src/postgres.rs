@@ -93,9 +93,9 @@ impl Default for PostgresOptions {
 /// The PostgreSQL store.
 #[derive(Clone)]
 pub struct PostgresStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     /// For the migrations' own connection.
-    connect: PgConnectOptions,
+    pub(crate) connect: PgConnectOptions,
     acquire_timeout: Duration,
     call_timeout: Duration,
 }
@@ -622,10 +622,11 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn drone_disconnected(&self, name: &DroneName) -> StoreResult<()> {
+    async fn drone_disconnected(&self, name: &DroneName, controller: &ControllerName) -> StoreResult<()> {
         self.bounded("drone_disconnected", async {
-            sqlx::query("UPDATE drone SET ready = FALSE WHERE name = $1")
+            sqlx::query("UPDATE drone SET ready = FALSE WHERE name = $1 AND controller = $2")
                 .bind(name.as_str())
+                .bind(controller.as_str())
                 .execute(&self.pool)
                 .await?;
             Ok(())
@@ -692,10 +693,11 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn proxy_disconnected(&self, name: &ProxyName) -> StoreResult<()> {
+    async fn proxy_disconnected(&self, name: &ProxyName, controller: &ControllerName) -> StoreResult<()> {
         self.bounded("proxy_disconnected", async {
-            sqlx::query("UPDATE proxy SET connected = FALSE, last_seen = plane_now_ms() WHERE name = $1")
+            sqlx::query("UPDATE proxy SET connected = FALSE, last_seen = plane_now_ms() WHERE name = $1 AND controller = $2")
                 .bind(name.as_str())
+                .bind(controller.as_str())
                 .execute(&self.pool)
                 .await?;
             Ok(())

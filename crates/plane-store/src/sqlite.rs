@@ -202,9 +202,10 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn drone_disconnected(&self, name: &DroneName) -> StoreResult<()> {
-        sqlx::query("UPDATE drone SET ready = 0 WHERE name = ?1")
+    async fn drone_disconnected(&self, name: &DroneName, controller: &ControllerName) -> StoreResult<()> {
+        sqlx::query("UPDATE drone SET ready = 0 WHERE name = ?1 AND controller = ?2")
             .bind(name.as_str())
+            .bind(controller.as_str())
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -276,10 +277,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn proxy_disconnected(&self, name: &ProxyName) -> StoreResult<()> {
-        sqlx::query("UPDATE proxy SET connected = 0, last_seen = ?1 WHERE name = ?2")
+    async fn proxy_disconnected(&self, name: &ProxyName, controller: &ControllerName) -> StoreResult<()> {
+        sqlx::query("UPDATE proxy SET connected = 0, last_seen = ?1 WHERE name = ?2 AND controller = ?3")
             .bind(now_ms())
             .bind(name.as_str())
+            .bind(controller.as_str())
             .execute(&self.pool)
             .await?;
         Ok(())
