@@ -18,7 +18,7 @@ use crate::state::{now_ms, StateStore};
 use futures_util::{SinkExt, StreamExt};
 use plane_types::names::{ClusterName, DroneName};
 use plane_types::protocol::{
-    BackendEvent, ControllerToDrone, DroneHello, DroneToController, DRONE_SOCKET_PATH, PROTOCOL_VERSION,
+    BackendEvent, ControllerToDrone, DroneHello, DroneToController, PROTOCOL_VERSION,
 };
 use rand::Rng;
 use std::collections::BTreeMap;
@@ -37,24 +37,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// The WebSocket URL of the drone socket for a controller base URL: `http`/`ws` →
-/// `ws`, `https`/`wss` → `wss`, path + [`DRONE_SOCKET_PATH`].
-pub(crate) fn socket_url(controller_url: &str) -> anyhow::Result<String> {
-    let trimmed = controller_url.trim().trim_end_matches('/');
-    let Some((scheme, rest)) = trimmed.split_once("://") else {
-        anyhow::bail!("controller URL {controller_url:?} has no scheme (expected http://, https://, ws:// or wss://)");
-    };
-    let scheme = match scheme.to_ascii_lowercase().as_str() {
-        "http" | "ws" => "ws",
-        "https" | "wss" => "wss",
-        other => anyhow::bail!("controller URL {controller_url:?} has unsupported scheme {other:?}"),
-    };
-    if rest.is_empty() || rest.starts_with('/') {
-        anyhow::bail!("controller URL {controller_url:?} has no host");
-    }
-    Ok(format!("{scheme}://{rest}{DRONE_SOCKET_PATH}"))
-}
 
 /// Capped exponential backoff with jitter: the n-th delay is drawn from
 /// `[max(min, b/2), b]` where `b = min(max, min · 2ⁿ)`.
@@ -118,8 +100,11 @@ struct Outbox {
 }
 
 /// Runs connections until shutdown (Ok) or a handshake rejection (Err).
+///
+/// Each attempt goes to the next of `urls` (the controllers), so a drone whose
+/// controller died moves to another one.
 pub(crate) async fn run(
-    url: &str,
+    urls: &[String],
     identity: &Identity,
     drone: &mut Drone,
     store: &StateStore,
@@ -128,10 +113,11 @@ pub(crate) async fn run(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(timings.reconnect_min, timings.reconnect_max);
-    loop {
+    for attempt in 0usize.. {
         if shutdown.is_cancelled() {
-            return Ok(());
+            break;
         }
+        let url = &urls[attempt % urls.len()];
         match session(url, identity, drone, store, outgoing, timings, shutdown).await {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Rejected(message) => {
@@ -142,7 +128,7 @@ pub(crate) async fn run(
                 if welcomed {
                     backoff.reset();
                 }
-                warn!(%error, "connection to the controller lost");
+                warn!(controller = %url, %error, "connection to the controller lost");
             }
         }
         let delay = backoff.next_delay();
@@ -158,6 +144,7 @@ pub(crate) async fn run(
             }
         }
     }
+    Ok(())
 }
 
 fn encode(message: &DroneToController) -> Result<Message, String> {
@@ -377,22 +364,5 @@ mod tests {
         assert_eq!(b.next_delay(), Duration::from_millis(1));
         let mut b = Backoff::new(Duration::from_secs(10), Duration::from_secs(1));
         assert_eq!(b.next_delay(), Duration::from_secs(10));
-    }
-
-    #[test]
-    fn socket_urls() {
-        assert_eq!(
-            socket_url("http://127.0.0.1:8080").unwrap(),
-            "ws://127.0.0.1:8080/ctrl/drone-socket"
-        );
-        assert_eq!(
-            socket_url("https://ctrl.example.com/").unwrap(),
-            "wss://ctrl.example.com/ctrl/drone-socket"
-        );
-        assert_eq!(socket_url("ws://h:1/base").unwrap(), "ws://h:1/base/ctrl/drone-socket");
-        assert_eq!(socket_url("WSS://h").unwrap(), "wss://h/ctrl/drone-socket");
-        assert!(socket_url("127.0.0.1:8080").is_err());
-        assert!(socket_url("ftp://h").is_err());
-        assert!(socket_url("http://").is_err());
     }
 }

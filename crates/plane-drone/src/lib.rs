@@ -74,15 +74,16 @@ const KEEP_TERMINATED: Duration = Duration::from_secs(3600);
 /// the controller rejects the handshake (e.g. a protocol version mismatch). Connection
 /// failures are retried forever with backoff.
 pub async fn run(config: DroneConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let url = connection::socket_url(&config.controller_url)?;
-    if url.starts_with("wss://") {
+    let urls = plane_types::protocol::socket_urls(&config.controller_url, plane_types::protocol::DRONE_SOCKET_PATH)
+        .map_err(anyhow::Error::msg)?;
+    if urls.iter().any(|u| u.starts_with("wss://")) {
         // Several rustls providers may be compiled in; pick one unless someone did.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
     let store = StateStore::open(&config.db_path)
         .await
         .with_context(|| format!("opening the drone state store {}", config.db_path.display()))?;
-    let result = run_with_store(config, url, &store, shutdown).await;
+    let result = run_with_store(config, urls, &store, shutdown).await;
     store.close().await;
     result
 }
@@ -117,7 +118,7 @@ async fn drone_name(config: &DroneConfig, store: &StateStore) -> anyhow::Result<
 
 async fn run_with_store(
     config: DroneConfig,
-    url: String,
+    urls: Vec<String>,
     store: &StateStore,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -162,8 +163,8 @@ async fn run_with_store(
             cluster: config.cluster.clone(),
             pool: config.pool.clone(),
         };
-        info!(controller = %url, "drone starting");
-        let result = connection::run(&url, &identity, &mut drone, store, &mut rx, &config.timings, &shutdown).await;
+        info!(controllers = ?urls, "drone starting");
+        let result = connection::run(&urls, &identity, &mut drone, store, &mut rx, &config.timings, &shutdown).await;
         tasks.cancel();
         drone.shutdown().await;
         info!("drone stopped; its backends keep running");

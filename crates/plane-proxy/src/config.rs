@@ -8,8 +8,9 @@ use std::time::Duration;
 /// Everything [`crate::run`] needs besides the listener and the shutdown signal.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// The controller's base URL, e.g. `http://127.0.0.1:8080`. The proxy connects to
-    /// `ws://…/ctrl/proxy-socket` (`https` becomes `wss`).
+    /// The controller's base URL, e.g. `http://127.0.0.1:8080`, or several separated by
+    /// commas (the proxy moves to the next one whenever its connection fails). The proxy
+    /// connects to `ws://…/ctrl/proxy-socket` (`https` becomes `wss`).
     pub controller_url: String,
     /// The cluster this proxy serves; requests must carry it (or `<subdomain>.<cluster>`)
     /// as their Host.
@@ -42,8 +43,8 @@ impl ProxyConfig {
         }
     }
 
-    /// Checks the timings and the controller URL; returns the proxy-socket URL.
-    pub(crate) fn validate(&self) -> anyhow::Result<String> {
+    /// Checks the timings and the controller URLs; returns the proxy-socket URLs.
+    pub(crate) fn validate(&self) -> anyhow::Result<Vec<String>> {
         anyhow::ensure!(
             !self.keepalive_interval.is_zero(),
             "keepalive_interval must be positive"
@@ -55,24 +56,14 @@ impl ProxyConfig {
             self.reconnect_max,
             self.reconnect_min
         );
-        socket_url(&self.controller_url)
+        socket_urls(&self.controller_url)
     }
 }
 
-/// Turns the controller's base URL into the URL of its proxy socket.
-pub(crate) fn socket_url(controller_url: &str) -> anyhow::Result<String> {
-    let url = controller_url.trim();
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| anyhow::anyhow!("controller URL `{url}` has no scheme (expected http:// or https://)"))?;
-    let ws_scheme = match scheme.to_ascii_lowercase().as_str() {
-        "http" | "ws" => "ws",
-        "https" | "wss" => "wss",
-        other => anyhow::bail!("controller URL `{url}` has unsupported scheme `{other}`"),
-    };
-    let rest = rest.trim_end_matches('/');
-    anyhow::ensure!(!rest.is_empty(), "controller URL `{url}` has no host");
-    Ok(format!("{ws_scheme}://{rest}{PROXY_SOCKET_PATH}"))
+/// The URLs of the proxy socket on each controller of `controller_url` (one base URL,
+/// or several separated by commas).
+pub(crate) fn socket_urls(controller_url: &str) -> anyhow::Result<Vec<String>> {
+    plane_types::protocol::socket_urls(controller_url, PROXY_SOCKET_PATH).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]
@@ -80,15 +71,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn socket_urls() {
-        let check = |input: &str, expected: &str| assert_eq!(socket_url(input).unwrap(), expected, "{input}");
-        check("http://127.0.0.1:8080", "ws://127.0.0.1:8080/ctrl/proxy-socket");
-        check("http://127.0.0.1:8080/", "ws://127.0.0.1:8080/ctrl/proxy-socket");
-        check("https://ctrl.example.com", "wss://ctrl.example.com/ctrl/proxy-socket");
-        check("HTTP://h/prefix/", "ws://h/prefix/ctrl/proxy-socket");
-        assert!(socket_url("127.0.0.1:8080").is_err());
-        assert!(socket_url("ftp://x").is_err());
-        assert!(socket_url("http://").is_err());
+    fn socket_urls_use_the_proxy_path() {
+        assert_eq!(
+            socket_urls("http://a:1/, https://b/prefix").unwrap(),
+            ["ws://a:1/ctrl/proxy-socket", "wss://b/prefix/ctrl/proxy-socket"]
+        );
+        assert!(socket_urls("127.0.0.1:8080").is_err());
     }
 
     #[test]

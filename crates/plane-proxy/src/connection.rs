@@ -92,14 +92,17 @@ impl From<tokio_tungstenite::tungstenite::Error> for SessionError {
 
 /// Keeps a connection to the controller until `shutdown`, reconnecting with backoff.
 /// The route cache and the readiness flag follow the connection's state.
-pub(crate) async fn maintain(shared: Arc<Shared>, socket_url: String, shutdown: CancellationToken) {
+///
+/// Each attempt goes to the next of `socket_urls` (the controllers).
+pub(crate) async fn maintain(shared: Arc<Shared>, socket_urls: Vec<String>, shutdown: CancellationToken) {
     let config = &shared.config;
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
-    loop {
+    for attempt in 0usize.. {
+        let socket_url = &socket_urls[attempt % socket_urls.len()];
         let mut welcomed = false;
         let result = tokio::select! {
             _ = shutdown.cancelled() => None,
-            r = session(&shared, &socket_url, &shutdown, &mut welcomed) => Some(r),
+            r = session(&shared, socket_url, &shutdown, &mut welcomed) => Some(r),
         };
         shared.routes.disconnected();
         shared.connected.send_replace(false);
@@ -327,7 +330,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(maintain(
             shared.clone(),
-            crate::config::socket_url(&url).unwrap(),
+            crate::config::socket_urls(&url).unwrap(),
             shutdown.clone(),
         ));
 

@@ -82,7 +82,7 @@ impl Shared {
 /// Returns once the listener is closed and every spawned task has stopped (open
 /// connections get a short grace period). Fails only on an invalid configuration.
 pub async fn run(listener: TcpListener, config: ProxyConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let socket_url = config.validate()?;
+    let socket_urls = config.validate()?;
     // Cancelled when `shutdown` is, and when this future ends or is dropped.
     let stop = shutdown.child_token();
     let _stop_on_drop = stop.clone().drop_guard();
@@ -94,7 +94,7 @@ pub async fn run(listener: TcpListener, config: ProxyConfig, shutdown: Cancellat
         cluster = %shared.config.cluster,
         "proxy listening"
     );
-    tasks.spawn(connection::maintain(shared.clone(), socket_url, stop.clone()));
+    tasks.spawn(connection::maintain(shared.clone(), socket_urls, stop.clone()));
     proxy::serve(listener, shared, stop.clone(), tasks.clone()).await;
     tasks.close();
     tasks.wait().await;

@@ -28,6 +28,33 @@ pub const DRONE_SOCKET_PATH: &str = "/ctrl/drone-socket";
 /// Path of the proxy socket on the controller.
 pub const PROXY_SOCKET_PATH: &str = "/ctrl/proxy-socket";
 
+/// The WebSocket URLs of a socket (`path`, e.g. [`DRONE_SOCKET_PATH`]) on each of the
+/// controllers in `controller_urls`: one base URL, or several separated by commas (a
+/// drone or proxy moves to the next one whenever its connection fails). `http`/`ws`
+/// become `ws`, `https`/`wss` become `wss`; a base path is kept.
+pub fn socket_urls(controller_urls: &str, path: &str) -> Result<Vec<String>, String> {
+    let mut urls = Vec::new();
+    for url in controller_urls.split(',') {
+        let url = url.trim();
+        let trimmed = url.trim_end_matches('/');
+        let Some((scheme, rest)) = trimmed.split_once("://") else {
+            return Err(format!(
+                "controller URL {url:?} has no scheme (expected http://, https://, ws:// or wss://)"
+            ));
+        };
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "http" | "ws" => "ws",
+            "https" | "wss" => "wss",
+            other => return Err(format!("controller URL {url:?} has unsupported scheme {other:?}")),
+        };
+        if rest.is_empty() || rest.starts_with('/') {
+            return Err(format!("controller URL {url:?} has no host"));
+        }
+        urls.push(format!("{scheme}://{rest}{path}"));
+    }
+    Ok(urls)
+}
+
 /// The first message a drone sends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DroneHello {
@@ -321,6 +348,22 @@ pub enum ControllerToProxy {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn socket_urls_of_one_or_several_controllers() {
+        let urls = |s: &str| socket_urls(s, DRONE_SOCKET_PATH);
+        assert_eq!(urls("http://127.0.0.1:8080").unwrap(), ["ws://127.0.0.1:8080/ctrl/drone-socket"]);
+        assert_eq!(urls("https://ctrl.example.com/").unwrap(), ["wss://ctrl.example.com/ctrl/drone-socket"]);
+        assert_eq!(urls("ws://h:1/base").unwrap(), ["ws://h:1/base/ctrl/drone-socket"]);
+        assert_eq!(urls("WSS://h").unwrap(), ["wss://h/ctrl/drone-socket"]);
+        assert_eq!(
+            urls("http://a:1, https://b:2/").unwrap(),
+            ["ws://a:1/ctrl/drone-socket", "wss://b:2/ctrl/drone-socket"]
+        );
+        for bad in ["127.0.0.1:8080", "ftp://h", "http://", "http://a:1,", "http:///x"] {
+            assert!(urls(bad).is_err(), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -136,7 +136,8 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 /// Flags of `plane drone`.
 #[derive(Debug, Args)]
 pub struct DroneArgs {
-    /// The controller to connect to.
+    /// The controller to connect to, or several separated by commas (each reconnect
+    /// goes to the next one).
     #[arg(long, env = "PLANE_CONTROLLER_URL", default_value = "http://127.0.0.1:8080")]
     controller_url: String,
     /// The cluster this drone serves.
@@ -184,7 +185,8 @@ pub struct DroneArgs {
 /// Flags of `plane proxy`.
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// The controller to connect to.
+    /// The controller to connect to, or several separated by commas (each reconnect
+    /// goes to the next one).
     #[arg(long, env = "PLANE_CONTROLLER_URL", default_value = "http://127.0.0.1:8080")]
     controller_url: String,
     /// The cluster this proxy serves (the Host clients use).
