@@ -17,7 +17,7 @@ use plane_types::api::{
     RevokeRequest, StatusResponse,
 };
 use plane_types::names::{BackendName, DroneName};
-use plane_types::protocol::{ControllerToDrone, ControllerToProxy, DRONE_SOCKET_PATH, PROXY_SOCKET_PATH};
+use plane_types::protocol::{ControllerToProxy, DRONE_SOCKET_PATH, PROXY_SOCKET_PATH};
 use plane_types::status::{BackendStatus, StatusEntry, TerminationKind, TerminationReason};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -211,7 +211,7 @@ impl StreamState {
                 // Changes are published by concurrent tasks after their commits, so
                 // they may arrive out of order (or be missed, on lag): the history in
                 // the store has them all, in order.
-                Ok(change) if change.backend_id == self.id => self.requeue_from_history().await?,
+                Ok(change) if change.concerns(&self.id) => self.requeue_from_history().await?,
                 Ok(_) => {}
                 Err(RecvError::Lagged(_)) => self.requeue_from_history().await?,
                 Err(RecvError::Closed) => return None,
@@ -289,14 +289,7 @@ async fn terminate(c: &Controller, backend: &str, kind: TerminationKind) -> Resu
     if !status.is_terminal() {
         tracing::info!(backend_id = %id, ?kind, "termination requested");
         // Not connected: re-sent when the drone reconnects (the request is recorded).
-        c.send_drone(
-            &drone,
-            ControllerToDrone::Terminate {
-                backend_id: id,
-                kind,
-                reason,
-            },
-        );
+        c.terminate_on(&drone, id, kind, reason);
     }
     Ok(Json(()))
 }
@@ -316,7 +309,7 @@ async fn revoke(State(c): AppState, ApiJson(req): ApiJson<RevokeRequest>) -> Res
     let tokens = c.store().revoke(&req.backend_id, &req.user).await?;
     tracing::info!(backend_id = %req.backend_id, user = %req.user, count = tokens.len(), "tokens revoked");
     for token in tokens {
-        c.broadcast_proxies(None, ControllerToProxy::TokenRevoked { token });
+        c.to_proxies(None, ControllerToProxy::TokenRevoked { token });
     }
     Ok(Json("revoked".to_owned()))
 }

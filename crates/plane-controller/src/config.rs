@@ -1,5 +1,6 @@
 //! Controller configuration.
 
+use plane_store::fanout::SharedFanout;
 use plane_store::SharedStore;
 use plane_types::lease::LeaseTimings;
 use plane_types::names::{ClusterName, ControllerName};
@@ -10,6 +11,9 @@ use std::time::Duration;
 pub struct ControllerConfig {
     /// The store. Only the controller touches it.
     pub store: SharedStore,
+    /// The fan-out to other controllers sharing the store (by default the store's own,
+    /// `None` on SQLite). Tests wrap it to inject faults.
+    pub fanout: Option<SharedFanout>,
     /// This controller's name.
     pub name: ControllerName,
     /// The cluster used when a connect request names none.
@@ -51,6 +55,7 @@ impl ControllerConfig {
     /// A config with default timings.
     pub fn new(store: SharedStore, controller_url: impl Into<String>, default_cluster: Option<ClusterName>) -> Self {
         ControllerConfig {
+            fanout: store.fanout(),
             store,
             name: ControllerName::new_random(),
             default_cluster,

@@ -7,11 +7,11 @@ use crate::error::HttpError;
 use crate::scheduler;
 use crate::state::Controller;
 use axum::http::StatusCode;
-use plane_store::{CreateOutcome, KeyHolder, NewBackend, NewToken};
+use plane_store::{BackendRecord, CreateOutcome, KeyHolder, NewBackend, NewToken, StoreError};
 use plane_types::api::{
     connect_url, new_static_token, new_token, ApiErrorKind, ConnectRequest, ConnectResponse, KeyConfig,
 };
-use plane_types::names::{BackendName, ClusterName};
+use plane_types::names::{BackendName, ClusterName, DroneName};
 use plane_types::protocol::{AcquiredKey, ControllerToDrone, SpawnAction};
 use plane_types::status::BackendStatus;
 
@@ -80,7 +80,8 @@ impl Controller {
                 )
                 .await?
                 .into_iter()
-                .filter(|d| self.has_drone(&d.name))
+                // Drones connected to other controllers get their spawn through them.
+                .filter(|d| self.has_peers() || self.has_drone(&d.name))
                 .collect();
             let drone = scheduler::choose(candidates, self.config.timings.scheduler_candidates).ok_or_else(|| {
                 HttpError::new(
@@ -94,10 +95,12 @@ impl Controller {
                 )
             })?;
             // Read the drone's clock before the store starts the lease, so the
-            // deadlines the drone gets fall before the store's expiry.
-            let Some(drone_now) = self.drone_now(&drone.name) else {
+            // deadlines the drone gets fall before the store's expiry. A drone
+            // connected elsewhere gets them from its controller, which renews first.
+            let drone_now = self.drone_now(&drone.name);
+            if drone_now.is_none() && !self.has_peers() {
                 continue;
-            };
+            }
             let id = spawn.id.clone().unwrap_or_else(BackendName::new_random);
             let static_token = spawn.use_static_token.then(new_static_token);
             let new = NewBackend {
@@ -116,7 +119,10 @@ impl Controller {
             match self.store().create_backend(&new).await? {
                 CreateOutcome::Created { fencing_token } => {
                     tracing::info!(backend_id = %id, drone = %drone.name, key = %key.name, fencing_token, "backend scheduled");
-                    self.dispatch_spawn(&new, fencing_token, drone_now);
+                    match drone_now {
+                        Some(now) => self.dispatch_spawn(&new, fencing_token, now),
+                        None => self.spawn_elsewhere(&drone.name, &id),
+                    }
                     let token = self.issue_token(&id, static_token.as_deref(), &req).await?;
                     return Ok(self.response(
                         &id,
@@ -144,6 +150,64 @@ impl Controller {
             ApiErrorKind::FailedToAcquireKey,
             "the key changed hands repeatedly while connecting; retry",
         ))
+    }
+
+    /// Re-sends spawns that may not have arrived and terminations not yet done, to a
+    /// drone connected here.
+    pub(crate) async fn resend_pending(&self, drone: &DroneName) -> Result<(), StoreError> {
+        for b in self.store().scheduled_backends(drone).await? {
+            self.resend_scheduled(b).await?;
+        }
+        for t in self.store().pending_terminations(drone).await? {
+            self.send_drone(
+                drone,
+                ControllerToDrone::Terminate {
+                    backend_id: t.backend_id,
+                    kind: t.kind,
+                    reason: t.reason,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends the spawn of a backend another controller scheduled on a drone connected
+    /// here, if it is still `scheduled`.
+    pub(crate) async fn resend_spawn(&self, drone: &DroneName, backend_id: &BackendName) -> Result<(), StoreError> {
+        match self.store().backend(backend_id).await? {
+            Some(b) if b.drone == *drone && b.status == BackendStatus::Scheduled => self.resend_scheduled(b).await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn resend_scheduled(&self, b: BackendRecord) -> Result<(), StoreError> {
+        let Some(now) = self.drone_now(&b.drone) else {
+            return Ok(());
+        };
+        let new = NewBackend {
+            id: b.id,
+            cluster: b.cluster,
+            pool: b.pool,
+            drone: b.drone,
+            executable: b.executable,
+            key: b.key,
+            lifetime_limit_seconds: b.lifetime_limit_seconds,
+            max_idle_seconds: b.max_idle_seconds,
+            static_token: b.static_token,
+            subdomain: b.subdomain,
+            lease_duration: self.config.timings.lease.expire_after,
+        };
+        // The lease started when the backend was scheduled, maybe long ago. Extend it
+        // now (after reading the drone's clock) so that the deadlines the drone gets
+        // fall before the store's expiry; if it has already expired, the key may have
+        // a new holder, so the spawn must not go out (the sweep marks it lost).
+        let lease = self.config.timings.lease.expire_after;
+        if self.store().renew_key(&new.id, b.fencing_token, lease).await? {
+            self.dispatch_spawn(&new, b.fencing_token, now);
+        } else {
+            tracing::warn!(drone = %new.drone, backend_id = %new.id, "not sending a spawn whose lease expired");
+        }
+        Ok(())
     }
 
     /// Sends the spawn action to the chosen drone. If the drone disconnected meanwhile,

@@ -64,7 +64,7 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
 
     let writer = spawn_writer(sink, rx);
 
-    if let Err(e) = resend_pending(&c, &drone).await {
+    if let Err(e) = c.resend_pending(&drone).await {
         tracing::error!(%drone, error = %e, "cannot re-send pending actions");
     } else {
         while let Some(text) = next_text(&mut stream).await {
@@ -89,47 +89,6 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
         }
     }
     tracing::info!(%drone, "drone disconnected");
-}
-
-/// Re-sends spawns that may not have arrived and terminations not yet done.
-async fn resend_pending(c: &Controller, drone: &DroneName) -> Result<(), plane_store::StoreError> {
-    let now = c.drone_now(drone).unwrap_or_default();
-    for b in c.store().scheduled_backends(drone).await? {
-        let new = plane_store::NewBackend {
-            id: b.id,
-            cluster: b.cluster,
-            pool: b.pool,
-            drone: b.drone,
-            executable: b.executable,
-            key: b.key,
-            lifetime_limit_seconds: b.lifetime_limit_seconds,
-            max_idle_seconds: b.max_idle_seconds,
-            static_token: b.static_token,
-            subdomain: b.subdomain,
-            lease_duration: c.config.timings.lease.expire_after,
-        };
-        // The lease started when the backend was scheduled, maybe long ago. Extend it
-        // now (after reading the drone's clock) so that the deadlines the drone gets
-        // fall before the store's expiry; if it has already expired, the key may have
-        // a new holder, so the spawn must not go out (the sweep marks it lost).
-        let lease = c.config.timings.lease.expire_after;
-        if c.store().renew_key(&new.id, b.fencing_token, lease).await? {
-            c.dispatch_spawn(&new, b.fencing_token, now);
-        } else {
-            tracing::warn!(%drone, backend_id = %new.id, "not re-sending a spawn whose lease expired");
-        }
-    }
-    for t in c.store().pending_terminations(drone).await? {
-        c.send_drone(
-            drone,
-            ControllerToDrone::Terminate {
-                backend_id: t.backend_id,
-                kind: t.kind,
-                reason: t.reason,
-            },
-        );
-    }
-    Ok(())
 }
 
 async fn handle(c: &Controller, drone: &DroneName, msg: DroneToController) -> Result<(), plane_store::StoreError> {
@@ -183,16 +142,18 @@ async fn apply_event(c: &Controller, drone: &DroneName, e: BackendEvent) -> Resu
         ApplyOutcome::Advanced(entry) => {
             tracing::debug!(%drone, backend_id = %e.backend_id, status = %e.status, "backend status");
             if entry.status >= BackendStatus::Terminating {
-                c.broadcast_proxies(
+                c.to_proxies(
                     None,
                     plane_types::protocol::ControllerToProxy::BackendRemoved {
                         backend_id: e.backend_id.clone(),
                     },
                 );
             }
-            c.publish(e.backend_id, entry);
+            c.publish(e.backend_id, &entry);
         }
-        ApplyOutcome::Stale => {}
+        // A re-sent event the store has already: its first delivery may have been
+        // applied by a controller that died before it published the change.
+        ApplyOutcome::Stale => c.publish_hint(e.backend_id),
         ApplyOutcome::UnknownBackend => {
             tracing::warn!(%drone, backend_id = %e.backend_id, "event for an unknown backend")
         }

@@ -18,6 +18,7 @@ pub mod connect;
 pub mod drone_socket;
 pub mod error;
 pub mod extract;
+pub mod peers;
 pub mod proxy_socket;
 pub mod scheduler;
 mod socket;
@@ -38,6 +39,7 @@ pub async fn serve(listener: TcpListener, config: ControllerConfig, shutdown: Ca
     let controller = Controller::new(config, shutdown.child_token());
     tracing::info!(name = %controller.config.name, addr = ?listener.local_addr().ok(), "controller listening");
     let sweeper = tokio::spawn(sweeper::run(controller.clone()));
+    let peers = peers::start(&controller);
     let app = api::router(controller.clone());
     // Small frames (acks, SSE events) must not wait for Nagle's algorithm: on loopback
     // with delayed ACKs that costs up to 40 ms per exchange, on the cold-start path.
@@ -49,5 +51,8 @@ pub async fn serve(listener: TcpListener, config: ControllerConfig, shutdown: Ca
         .await;
     controller.shutdown.cancel();
     let _ = sweeper.await;
+    for task in peers {
+        let _ = task.await;
+    }
     result.map_err(Into::into)
 }

@@ -133,7 +133,7 @@ pub async fn route(c: &Controller, token: &str) -> RouteResult {
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Err(_) => return RouteResult::NotReady,
-                Ok(Ok(change)) if change.backend_id == r.backend_id => break,
+                Ok(Ok(change)) if change.concerns(&r.backend_id) => break,
                 Ok(Ok(_)) => {}
                 Ok(Err(RecvError::Lagged(_))) => break,
                 Ok(Err(RecvError::Closed)) => return RouteResult::NotReady,

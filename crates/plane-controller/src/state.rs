@@ -5,11 +5,12 @@
 //! the store.
 
 use crate::config::ControllerConfig;
+use crate::peers::{Notice, Peers};
 use plane_store::SharedStore;
 use plane_types::lease::estimate_remote_now;
 use plane_types::names::{BackendName, ClusterName, DroneName};
 use plane_types::protocol::{BackendMetrics, ControllerToDrone, ControllerToProxy, LoadProgress};
-use plane_types::status::StatusEntry;
+use plane_types::status::{StatusEntry, TerminationKind, TerminationReason};
 use plane_types::EpochMillis;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,13 +19,24 @@ use std::time::Instant;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-/// A status change, as published on the bus.
-#[derive(Clone, Debug)]
-pub struct StatusChange {
-    /// The backend.
-    pub backend_id: BackendName,
-    /// Its new entry.
-    pub entry: StatusEntry,
+/// A status change, as published on the bus. Subscribers re-read the store: the bus
+/// says only what to re-read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StatusChange {
+    /// This backend's status changed.
+    Backend(BackendName),
+    /// Any backend's may have (notices from other controllers were missed).
+    Everything,
+}
+
+impl StatusChange {
+    /// Whether a subscriber watching `backend_id` must re-read it.
+    pub fn concerns(&self, backend_id: &BackendName) -> bool {
+        match self {
+            StatusChange::Backend(b) => b == backend_id,
+            StatusChange::Everything => true,
+        }
+    }
 }
 
 /// A load-progress report, as published on the progress bus.
@@ -85,6 +97,8 @@ pub struct Controller {
     progress_bus: broadcast::Sender<ProgressChange>,
     observed: Mutex<HashMap<BackendName, Observed>>,
     next_conn_id: AtomicU64,
+    /// The fan-out to other controllers sharing the store (`None` on SQLite).
+    pub peers: Option<Peers>,
     /// Cancelled when the controller stops; ends sockets and background tasks.
     pub shutdown: CancellationToken,
 }
@@ -99,6 +113,10 @@ impl Controller {
     pub fn new(config: ControllerConfig, shutdown: CancellationToken) -> Arc<Controller> {
         let (bus, _) = broadcast::channel(4096);
         let (progress_bus, _) = broadcast::channel(1024);
+        let peers = config
+            .fanout
+            .clone()
+            .map(|fanout| Peers::new(fanout, config.name.as_str()));
         Arc::new(Controller {
             config,
             drones: Mutex::new(HashMap::new()),
@@ -107,6 +125,7 @@ impl Controller {
             progress_bus,
             observed: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
+            peers,
             shutdown,
         })
     }
@@ -121,13 +140,132 @@ impl Controller {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Publishes a status change to status streams and route waits. A terminated
-    /// backend's progress and metrics are forgotten.
-    pub fn publish(&self, backend_id: BackendName, entry: StatusEntry) {
+    /// Publishes a status change to status streams and route waits, here and on the
+    /// other controllers. A terminated backend's progress and metrics are forgotten.
+    pub fn publish(&self, backend_id: BackendName, entry: &StatusEntry) {
         if entry.status.is_terminal() {
             lock(&self.observed).remove(&backend_id);
         }
-        let _ = self.bus.send(StatusChange { backend_id, entry });
+        self.publish_hint(backend_id);
+    }
+
+    /// Tells status streams and route waits, here and on the other controllers, to
+    /// re-read a backend (whose status may have changed).
+    pub fn publish_hint(&self, backend_id: BackendName) {
+        self.to_peers(|| Notice::Status {
+            backend_id: backend_id.clone(),
+        });
+        let _ = self.bus.send(StatusChange::Backend(backend_id));
+    }
+
+    /// Asks the controller that `drone` is connected to to send the spawn of `backend_id`.
+    pub(crate) fn spawn_elsewhere(&self, drone: &DroneName, backend_id: &BackendName) {
+        self.to_peers(|| Notice::Spawn {
+            drone: drone.clone(),
+            backend_id: backend_id.clone(),
+        });
+    }
+
+    fn to_peers(&self, notice: impl FnOnce() -> Notice) {
+        if let Some(p) = &self.peers {
+            p.send(notice());
+        }
+    }
+
+    /// Asks the drone running a backend to terminate it: directly if it is connected
+    /// here, else through the controller it is connected to. (The request is in the
+    /// store already, so a drone connected nowhere gets it when it reconnects.)
+    pub fn terminate_on(
+        &self,
+        drone: &DroneName,
+        backend_id: BackendName,
+        kind: TerminationKind,
+        reason: TerminationReason,
+    ) {
+        let msg = ControllerToDrone::Terminate {
+            backend_id: backend_id.clone(),
+            kind,
+            reason,
+        };
+        if !self.send_drone(drone, msg) {
+            self.to_peers(|| Notice::Terminate {
+                drone: drone.clone(),
+                backend_id,
+                termination: kind,
+                reason,
+            });
+        }
+    }
+
+    /// Sends to every proxy (of `cluster`, if given), here and on other controllers.
+    pub fn to_proxies(&self, cluster: Option<&ClusterName>, msg: ControllerToProxy) {
+        self.to_peers(|| Notice::Proxies {
+            cluster: cluster.cloned(),
+            message: msg.clone(),
+        });
+        self.broadcast_proxies(cluster, msg);
+    }
+
+    /// Acts on a notice from another controller, for the connections held here.
+    pub fn deliver(self: &Arc<Self>, notice: Notice) {
+        match notice {
+            Notice::Status { backend_id } => {
+                let _ = self.bus.send(StatusChange::Backend(backend_id));
+            }
+            Notice::Spawn { drone, backend_id } => {
+                if self.has_drone(&drone) {
+                    let c = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = c.resend_spawn(&drone, &backend_id).await {
+                            tracing::warn!(%drone, %backend_id, error = %e, "cannot send a spawn scheduled by another controller (re-sent on resync)");
+                        }
+                    });
+                }
+            }
+            Notice::Terminate {
+                drone,
+                backend_id,
+                termination,
+                reason,
+            } => {
+                self.send_drone(
+                    &drone,
+                    ControllerToDrone::Terminate {
+                        backend_id,
+                        kind: termination,
+                        reason,
+                    },
+                );
+            }
+            Notice::Proxies { cluster, message } => self.broadcast_proxies(cluster.as_ref(), message),
+            Notice::Progress { backend_id, progress } => self.progress_here(backend_id, progress),
+            Notice::Metrics {
+                backend_id,
+                drone,
+                metrics,
+            } => self.metrics_here(&backend_id, &drone, metrics),
+            Notice::Ping => {}
+        }
+    }
+
+    /// After notices from other controllers may have been missed: status streams and
+    /// route waits re-read the store, proxies drop their cached routes, and drones
+    /// connected here get their scheduled spawns and pending terminations again.
+    pub async fn resync(self: &Arc<Self>) {
+        let _ = self.bus.send(StatusChange::Everything);
+        self.broadcast_proxies(None, ControllerToProxy::ResetRoutes);
+        self.resend_to_drones().await;
+    }
+
+    /// Sends every drone connected here its scheduled spawns and pending terminations
+    /// again.
+    pub async fn resend_to_drones(&self) {
+        let drones: Vec<DroneName> = lock(&self.drones).keys().cloned().collect();
+        for drone in drones {
+            if let Err(e) = self.resend_pending(&drone).await {
+                tracing::warn!(%drone, error = %e, "cannot re-send pending actions");
+            }
+        }
     }
 
     fn observe(&self, backend_id: &BackendName, update: impl FnOnce(&mut Observed)) {
@@ -142,14 +280,31 @@ impl Controller {
     }
 
     /// Records a load-progress report and publishes it to status streams that asked
-    /// for progress.
+    /// for progress, here and on the other controllers.
     pub fn publish_progress(&self, backend_id: BackendName, progress: LoadProgress) {
+        self.to_peers(|| Notice::Progress {
+            backend_id: backend_id.clone(),
+            progress: progress.clone(),
+        });
+        self.progress_here(backend_id, progress);
+    }
+
+    fn progress_here(&self, backend_id: BackendName, progress: LoadProgress) {
         self.observe(&backend_id, |o| o.progress = Some(progress.clone()));
         let _ = self.progress_bus.send(ProgressChange { backend_id, progress });
     }
 
-    /// Records a resource-use sample.
+    /// Records a resource-use sample, here and on the other controllers.
     pub fn record_metrics(&self, backend_id: &BackendName, drone: &DroneName, metrics: BackendMetrics) {
+        self.to_peers(|| Notice::Metrics {
+            backend_id: backend_id.clone(),
+            drone: drone.clone(),
+            metrics: metrics.clone(),
+        });
+        self.metrics_here(backend_id, drone, metrics);
+    }
+
+    fn metrics_here(&self, backend_id: &BackendName, drone: &DroneName, metrics: BackendMetrics) {
         self.observe(backend_id, |o| o.metrics = Some((drone.clone(), metrics)));
     }
 
@@ -224,6 +379,11 @@ impl Controller {
         lock(&self.drones).contains_key(name)
     }
 
+    /// Whether drones connected to other controllers can be scheduled from here.
+    pub fn has_peers(&self) -> bool {
+        self.peers.is_some()
+    }
+
     /// Sends to a drone. False if it is not connected here.
     pub fn send_drone(&self, name: &DroneName, msg: ControllerToDrone) -> bool {
         lock(&self.drones).get(name).is_some_and(|c| c.tx.send(msg).is_ok())
@@ -239,7 +399,7 @@ impl Controller {
         lock(&self.proxies).remove(&conn_id);
     }
 
-    /// Sends to every proxy (of `cluster`, if given).
+    /// Sends to every proxy connected here (of `cluster`, if given).
     pub fn broadcast_proxies(&self, cluster: Option<&ClusterName>, msg: ControllerToProxy) {
         for p in lock(&self.proxies).values() {
             if cluster.is_none_or(|c| *c == p.cluster) {

@@ -2,16 +2,25 @@
 //! backends lost with their drone (lease expired without termination).
 
 use crate::state::Controller;
-use plane_types::protocol::{ControllerToDrone, ControllerToProxy};
+use plane_types::protocol::ControllerToProxy;
 use std::sync::Arc;
 
 /// Runs until the controller shuts down.
 pub async fn run(c: Arc<Controller>) {
     let mut tick = tokio::time::interval(c.config.timings.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resend = tokio::time::interval(RESEND_INTERVAL);
+    resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resend.reset();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = resend.tick(), if c.has_peers() => {
+                // A controller that died between its commit and its notice leaves a
+                // spawn or termination that only the store knows of.
+                c.resend_to_drones().await;
+                continue;
+            }
             () = c.shutdown.cancelled() => return,
         }
         if let Err(e) = sweep_once(&c).await {
@@ -19,6 +28,10 @@ pub async fn run(c: Arc<Controller>) {
         }
     }
 }
+
+/// With several controllers, how often scheduled spawns and pending terminations are
+/// re-sent to the drones connected here.
+const RESEND_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reports (progress, metrics) not refreshed for this long are forgotten.
 const OBSERVED_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
@@ -29,25 +42,17 @@ pub async fn sweep_once(c: &Controller) -> Result<(), plane_store::StoreError> {
     c.store().controller_heartbeat(&c.config.name).await?;
     for t in c.store().sweep().await? {
         tracing::info!(backend_id = %t.backend_id, reason = t.reason.as_str(), "sweeping backend");
-        // A disconnected drone gets it on reconnect (the request is recorded).
-        c.send_drone(
-            &t.drone,
-            ControllerToDrone::Terminate {
-                backend_id: t.backend_id,
-                kind: t.kind,
-                reason: t.reason,
-            },
-        );
+        c.terminate_on(&t.drone, t.backend_id, t.kind, t.reason);
     }
     for (backend_id, entry) in c.store().mark_lost().await? {
         tracing::warn!(%backend_id, "backend lost: its lease expired without it terminating");
-        c.broadcast_proxies(
+        c.to_proxies(
             None,
             ControllerToProxy::BackendRemoved {
                 backend_id: backend_id.clone(),
             },
         );
-        c.publish(backend_id, entry);
+        c.publish(backend_id, &entry);
     }
     Ok(())
 }

@@ -239,6 +239,7 @@ fn handle_message(shared: &Shared, msg: ControllerToProxy) -> Result<(), Session
         ControllerToProxy::Route { token, result } => shared.routes.handle_route(token, result),
         ControllerToProxy::BackendRemoved { backend_id } => shared.routes.remove_backend(&backend_id),
         ControllerToProxy::TokenRevoked { token } => shared.routes.remove_token(&token),
+        ControllerToProxy::ResetRoutes => shared.routes.clear(),
         ControllerToProxy::Reject { message } => return Err(SessionError::Rejected(message)),
         ControllerToProxy::Welcome { .. } => warn!("repeated Welcome from controller; ignored"),
     }

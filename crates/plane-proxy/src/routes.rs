@@ -198,6 +198,14 @@ impl RouteCache {
         }
     }
 
+    /// Evicts every cached route.
+    pub(crate) fn clear(&self) {
+        let mut st = self.lock();
+        debug!(routes = st.routes.len(), "evicting every cached route");
+        st.routes.clear();
+        st.by_backend.clear();
+    }
+
     /// Evicts every cached token that routes to `backend`.
     pub(crate) fn remove_backend(&self, backend: &BackendName) {
         let mut st = self.lock();

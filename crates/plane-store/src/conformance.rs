@@ -4,15 +4,16 @@
 //! Call [`run_all`] with a factory that returns a fresh, empty store.
 
 use crate::{
-    ApplyOutcome, BackendUpdate, CreateOutcome, DroneRegistration, NewBackend, NewToken, ProxyRegistration,
-    SharedStore, Store,
+    ApplyOutcome, BackendUpdate, CleanupPolicy, CleanupReport, CreateOutcome, DroneRegistration, NewBackend, NewToken,
+    ProxyRegistration, SharedStore, Store,
 };
 use plane_types::api::KeyConfig;
 use plane_types::executable::{Executable, RuntimeKind};
 use plane_types::names::{BackendName, ClusterName, DroneName};
-use plane_types::status::{BackendStatus, TerminationKind, TerminationReason};
+use plane_types::status::{BackendStatus, StatusEntry, TerminationKind, TerminationReason};
+use plane_types::EpochMillis;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Runs every check, each on a fresh store from `make`.
 pub async fn run_all<F, Fut>(make: F)
@@ -29,6 +30,11 @@ where
     sweep_idle_and_lifetime(make().await).await;
     termination_requests(make().await).await;
     concurrent_creates_yield_one_holder(make().await).await;
+    undrain_makes_a_drone_schedulable_again(make().await).await;
+    reregistering_updates_pool_runtimes_and_versions(make().await).await;
+    cleanup_deletes_old_terminated_backends_and_what_refers_to_them(make().await).await;
+    cleanup_keeps_backends_terminated_within_the_retention(make().await).await;
+    cleanup_is_bounded_by_the_batch(make().await).await;
 }
 
 /// The cluster every fixture uses.
@@ -102,6 +108,73 @@ pub fn update(id: &BackendName, status: BackendStatus) -> BackendUpdate {
     }
 }
 
+/// A token for `backend`, issued to `user`.
+pub async fn token(store: &dyn Store, token: &str, backend: &BackendName, user: &str) {
+    store
+        .insert_token(&NewToken {
+            token: token.into(),
+            backend_id: backend.clone(),
+            user: Some(user.into()),
+            auth: None,
+            secret_token: Some(format!("secret-{token}")),
+        })
+        .await
+        .unwrap();
+}
+
+/// Reports `id` terminated by `drone`; returns the new status entry.
+pub async fn terminate(store: &dyn Store, drone: &DroneName, id: &BackendName) -> StatusEntry {
+    match store
+        .apply_update(drone, &update(id, BackendStatus::Terminated))
+        .await
+        .unwrap()
+    {
+        ApplyOutcome::Advanced(entry) => entry,
+        other => panic!("terminating {id}: {other:?}"),
+    }
+}
+
+/// A cleanup policy.
+pub fn cleanup_policy(terminated_retention: Duration, batch: u32) -> CleanupPolicy {
+    CleanupPolicy {
+        terminated_retention,
+        batch,
+    }
+}
+
+/// Waits until the store's clock has moved on by `elapsed` from now (a heartbeat of
+/// `drone` marks the start; its age is computed by the store), polling with a deadline.
+pub async fn wait_for_store_time(store: &dyn Store, drone: &DroneName, elapsed: Duration) {
+    store.drone_heartbeat(drone).await.unwrap();
+    let deadline = Instant::now() + elapsed + Duration::from_secs(5);
+    loop {
+        let drones = store.drones(&cluster()).await.unwrap();
+        let record = drones
+            .iter()
+            .find(|r| r.name == *drone)
+            .expect("the drone is registered");
+        if record.last_heartbeat_age >= elapsed {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store's clock did not move on by {elapsed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The names of the drones that may take a process backend in the default pool.
+async fn schedulable_names(store: &dyn Store, pool: &str, runtime: RuntimeKind) -> Vec<String> {
+    store
+        .schedulable_drones(&cluster(), pool, runtime, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name.to_string())
+        .collect()
+}
+
 async fn drones_register_heartbeat_and_drain(store: SharedStore) {
     let d = drone(&*store, "dr-one").await;
     store.controller_heartbeat(&"co-test".parse().unwrap()).await.unwrap();
@@ -154,7 +227,10 @@ async fn drones_register_heartbeat_and_drain(store: SharedStore) {
     drone(&*store, "dr-one").await;
     assert!(store.drones(&cluster()).await.unwrap()[0].draining);
     // A disconnect seen by a controller the drone has left changes nothing.
-    store.drone_disconnected(&d, &"co-other".parse().unwrap()).await.unwrap();
+    store
+        .drone_disconnected(&d, &"co-other".parse().unwrap())
+        .await
+        .unwrap();
     assert!(store.drones(&cluster()).await.unwrap()[0].ready);
     store.drone_disconnected(&d, &"co-test".parse().unwrap()).await.unwrap();
     assert!(!store.drones(&cluster()).await.unwrap()[0].ready);
@@ -168,7 +244,10 @@ async fn drones_register_heartbeat_and_drain(store: SharedStore) {
     };
     store.register_proxy(&p).await.unwrap();
     assert_eq!(store.proxies(&cluster()).await.unwrap()[0].registration, p);
-    store.proxy_disconnected(&p.name, &"co-other".parse().unwrap()).await.unwrap();
+    store
+        .proxy_disconnected(&p.name, &"co-other".parse().unwrap())
+        .await
+        .unwrap();
     assert_eq!(store.proxies(&cluster()).await.unwrap().len(), 1);
     store.proxy_disconnected(&p.name, &p.controller).await.unwrap();
     assert!(store.proxies(&cluster()).await.unwrap().is_empty());
@@ -457,4 +536,315 @@ async fn concurrent_creates_yield_one_holder(store: SharedStore) {
         }
     }
     assert_eq!(created, 1);
+}
+
+async fn undrain_makes_a_drone_schedulable_again(store: SharedStore) {
+    let d = drone(&*store, "dr-one").await;
+    let other: ClusterName = "other:1".parse().unwrap();
+    assert_eq!(
+        store
+            .undrain_drone(&cluster(), &"dr-nope".parse().unwrap())
+            .await
+            .unwrap(),
+        None
+    );
+    // Known, but in another cluster: unknown there.
+    assert_eq!(store.undrain_drone(&other, &d).await.unwrap(), None);
+    // Not draining: nothing changes.
+    assert_eq!(store.undrain_drone(&cluster(), &d).await.unwrap(), Some(false));
+    assert_eq!(
+        schedulable_names(&*store, "", RuntimeKind::Process).await,
+        vec!["dr-one"]
+    );
+
+    assert_eq!(store.drain_drone(&cluster(), &d).await.unwrap(), Some(true));
+    assert!(schedulable_names(&*store, "", RuntimeKind::Process).await.is_empty());
+    // Another cluster's name for it does not undrain it.
+    assert_eq!(store.undrain_drone(&other, &d).await.unwrap(), None);
+    assert!(store.drones(&cluster()).await.unwrap()[0].draining);
+    assert_eq!(store.undrain_drone(&cluster(), &d).await.unwrap(), Some(true));
+    let record = &store.drones(&cluster()).await.unwrap()[0];
+    assert!(!record.draining && record.ready, "{record:?}");
+    assert_eq!(
+        schedulable_names(&*store, "", RuntimeKind::Process).await,
+        vec!["dr-one"]
+    );
+    assert_eq!(store.undrain_drone(&cluster(), &d).await.unwrap(), Some(false));
+
+    // It can be drained again, and of concurrent undrains one reports the change.
+    assert_eq!(store.drain_drone(&cluster(), &d).await.unwrap(), Some(true));
+    let c = cluster();
+    let (a, b) = tokio::join!(store.undrain_drone(&c, &d), store.undrain_drone(&c, &d));
+    let mut answers = [a.unwrap(), b.unwrap()];
+    answers.sort();
+    assert_eq!(answers, [Some(false), Some(true)]);
+    assert_eq!(
+        schedulable_names(&*store, "", RuntimeKind::Process).await,
+        vec!["dr-one"]
+    );
+}
+
+async fn reregistering_updates_pool_runtimes_and_versions(store: SharedStore) {
+    let d = drone(&*store, "dr-one").await;
+    store.drone_disconnected(&d, &"co-test".parse().unwrap()).await.unwrap();
+    // The drone reconnects, through another controller, with a new configuration.
+    let reg = DroneRegistration {
+        name: d.clone(),
+        cluster: cluster(),
+        pool: "gpu".into(),
+        runtimes: vec![RuntimeKind::Docker],
+        plane_version: "0.2.0".into(),
+        plane_hash: "h2".into(),
+        controller: "co-other".parse().unwrap(),
+    };
+    store.register_drone(&reg).await.unwrap();
+    let drones = store.drones(&cluster()).await.unwrap();
+    assert_eq!(drones.len(), 1);
+    let r = &drones[0];
+    assert_eq!(
+        (
+            r.pool.as_str(),
+            &r.runtimes,
+            r.plane_version.as_str(),
+            r.plane_hash.as_str(),
+            r.controller.as_ref()
+        ),
+        ("gpu", &reg.runtimes, "0.2.0", "h2", Some(&reg.controller))
+    );
+    assert!(r.ready, "{r:?}");
+    assert_eq!(
+        schedulable_names(&*store, "gpu", RuntimeKind::Docker).await,
+        vec!["dr-one"]
+    );
+    // The old pool and runtime are replaced, not kept beside the new ones.
+    assert!(schedulable_names(&*store, "", RuntimeKind::Process).await.is_empty());
+    assert!(schedulable_names(&*store, "gpu", RuntimeKind::Process).await.is_empty());
+}
+
+async fn cleanup_deletes_old_terminated_backends_and_what_refers_to_them(store: SharedStore) {
+    let d = drone(&*store, "dr-one").await;
+    let ready = |id: &BackendName, port: u16| {
+        let mut u = update(id, BackendStatus::Ready);
+        u.address = Some(format!("127.0.0.1:{port}").parse().unwrap());
+        u
+    };
+    // A terminated backend with a token and a revoked one.
+    let old = new_backend("old", &d, "k-old");
+    store.create_backend(&old).await.unwrap();
+    store.apply_update(&d, &ready(&old.id, 5000)).await.unwrap();
+    token(&*store, "t-old-a", &old.id, "alice").await;
+    token(&*store, "t-old-b", &old.id, "bob").await;
+    assert_eq!(store.revoke(&old.id, "bob").await.unwrap(), vec!["t-old-b".to_string()]);
+    terminate(&*store, &d, &old.id).await;
+    // A live backend, with a token and a revoked static token, and one still scheduled:
+    // with a retention of zero, their rows are old enough, but they are not terminated.
+    let mut live = new_backend("live", &d, "k-live");
+    live.static_token = Some("s.live".into());
+    store.create_backend(&live).await.unwrap();
+    store.apply_update(&d, &ready(&live.id, 5001)).await.unwrap();
+    token(&*store, "t-live", &live.id, "alice").await;
+    token(&*store, "s.live", &live.id, "carol").await;
+    assert_eq!(
+        store.revoke(&live.id, "carol").await.unwrap(),
+        vec!["s.live".to_string()]
+    );
+    let scheduled = new_backend("sched", &d, "k-sched");
+    store.create_backend(&scheduled).await.unwrap();
+    let live_route = store.route("t-live").await.unwrap().expect("a live token routes");
+    let live_record = store.backend(&live.id).await.unwrap();
+    let live_history = store.status_history(&live.id).await.unwrap();
+    assert_eq!(
+        store.route("t-old-a").await.unwrap().map(|r| r.status),
+        Some(BackendStatus::Terminated)
+    );
+
+    let report = store.cleanup(&cleanup_policy(Duration::ZERO, 100)).await.unwrap();
+    assert_eq!(
+        report,
+        CleanupReport {
+            backends: 1,
+            tokens: 2,
+            status_entries: 3,
+        }
+    );
+    assert!(!report.is_empty());
+    assert!(store.backend(&old.id).await.unwrap().is_none());
+    assert!(store.status_history(&old.id).await.unwrap().is_empty());
+    assert!(store.route("t-old-a").await.unwrap().is_none());
+    assert!(store.route("t-old-b").await.unwrap().is_none());
+    // Its key is free for a new backend (no row was left pointing at the old one).
+    assert!(matches!(
+        store.create_backend(&new_backend("new", &d, "k-old")).await.unwrap(),
+        CreateOutcome::Created { .. }
+    ));
+
+    // Nothing of the live backends changed.
+    assert_eq!(store.route("t-live").await.unwrap(), Some(live_route));
+    assert_eq!(store.backend(&live.id).await.unwrap(), live_record);
+    assert_eq!(store.status_history(&live.id).await.unwrap(), live_history);
+    assert_eq!(
+        store.key_holder(&key("k-live")).await.unwrap().unwrap().backend_id,
+        live.id
+    );
+    assert_eq!(store.status_history(&scheduled.id).await.unwrap().len(), 1);
+    assert_eq!(store.scheduled_backends(&d).await.unwrap().len(), 2);
+    // The revoked static token is still recorded, so a connect that issues it again
+    // does not make it route again.
+    assert!(store.route("s.live").await.unwrap().is_none());
+    token(&*store, "s.live", &live.id, "carol").await;
+    assert!(store.route("s.live").await.unwrap().is_none());
+
+    assert!(store
+        .cleanup(&cleanup_policy(Duration::ZERO, 100))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn cleanup_keeps_backends_terminated_within_the_retention(store: SharedStore) {
+    let d = drone(&*store, "dr-one").await;
+    // Terminated just now: the backend and its history stay for the retention; its
+    // token goes at once (it no longer routes anywhere).
+    let recent = new_backend("recent", &d, "k-recent");
+    store.create_backend(&recent).await.unwrap();
+    token(&*store, "t-recent", &recent.id, "alice").await;
+    terminate(&*store, &d, &recent.id).await;
+    let hour = Duration::from_secs(3600);
+    assert_eq!(
+        store.cleanup(&cleanup_policy(hour, 100)).await.unwrap(),
+        CleanupReport {
+            backends: 0,
+            tokens: 1,
+            status_entries: 0,
+        }
+    );
+    assert_eq!(
+        store.backend(&recent.id).await.unwrap().map(|r| r.status),
+        Some(BackendStatus::Terminated)
+    );
+    assert_eq!(store.status_history(&recent.id).await.unwrap().len(), 2);
+    assert!(store.route("t-recent").await.unwrap().is_none());
+    assert!(store.cleanup(&cleanup_policy(hour, 100)).await.unwrap().is_empty());
+
+    // The retention counts from the termination, not from the creation: a backend
+    // created well before the retention and terminated just now stays. The check is
+    // conclusive when the store answered within the retention; it is retried if not.
+    let retention = Duration::from_millis(300);
+    let mut late = None;
+    for attempt in 0..5 {
+        let b = new_backend(&format!("late{attempt}"), &d, &format!("k-late{attempt}"));
+        store.create_backend(&b).await.unwrap();
+        wait_for_store_time(&*store, &d, retention + Duration::from_millis(200)).await;
+        let terminated_at = terminate(&*store, &d, &b.id).await.time;
+        let report = store.cleanup(&cleanup_policy(retention, 100)).await.unwrap();
+        // The recent backend terminated before `b` was created, so it is older than
+        // the retention now.
+        assert!(store.backend(&recent.id).await.unwrap().is_none(), "{report:?}");
+        // A time of the store's clock after the cleanup ran.
+        let probe = new_backend(&format!("probe{attempt}"), &d, &format!("k-probe{attempt}"));
+        store.create_backend(&probe).await.unwrap();
+        let after = store.backend(&probe.id).await.unwrap().unwrap().created_at;
+        if after.saturating_sub(terminated_at) < retention.as_millis() as EpochMillis {
+            assert!(
+                store.backend(&b.id).await.unwrap().is_some(),
+                "{} was terminated {}ms before the cleanup",
+                b.id,
+                after - terminated_at
+            );
+            late = Some(b);
+            break;
+        }
+    }
+    let late = late.expect("the store never answered within the retention");
+    // Once the retention has passed, it goes too; the live probes stay.
+    wait_for_store_time(&*store, &d, retention + Duration::from_millis(50)).await;
+    let report = store.cleanup(&cleanup_policy(retention, 100)).await.unwrap();
+    assert!(report.backends >= 1, "{report:?}");
+    assert!(store.backend(&late.id).await.unwrap().is_none());
+    assert!(store.status_history(&late.id).await.unwrap().is_empty());
+    assert!(!store.scheduled_backends(&d).await.unwrap().is_empty());
+    assert!(store
+        .scheduled_backends(&d)
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| r.id.as_str().starts_with("probe")));
+}
+
+async fn cleanup_is_bounded_by_the_batch(store: SharedStore) {
+    let d = drone(&*store, "dr-one").await;
+    let live = new_backend("live", &d, "k-live");
+    store.create_backend(&live).await.unwrap();
+    token(&*store, "t-live", &live.id, "alice").await;
+    // Five terminated backends: four reported by their drone, one marked lost after
+    // its lease ran out.
+    let mut doomed = Vec::new();
+    for i in 0..4 {
+        let b = new_backend(&format!("b{i}"), &d, &format!("k{i}"));
+        store.create_backend(&b).await.unwrap();
+        terminate(&*store, &d, &b.id).await;
+        doomed.push(b.id);
+    }
+    let lost = new_backend_with_lease("lost", &d, "k-lost", Duration::from_millis(200));
+    store.create_backend(&lost).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.key_holder(&key("k-lost")).await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "lease never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.mark_lost().await.unwrap().len(), 1);
+    doomed.push(lost.id);
+
+    assert!(store
+        .cleanup(&cleanup_policy(Duration::ZERO, 0))
+        .await
+        .unwrap()
+        .is_empty());
+    let policy = cleanup_policy(Duration::ZERO, 2);
+    let mut reports = Vec::new();
+    for _ in 0..3 {
+        reports.push(store.cleanup(&policy).await.unwrap());
+    }
+    let counts: Vec<_> = reports
+        .iter()
+        .map(|r| (r.backends, r.status_entries, r.tokens))
+        .collect();
+    assert_eq!(counts, vec![(2, 4, 0), (2, 4, 0), (1, 2, 0)]);
+    assert!(store.cleanup(&policy).await.unwrap().is_empty());
+    for id in &doomed {
+        assert!(store.backend(id).await.unwrap().is_none(), "{id} is left");
+    }
+
+    // Tokens come in batches too, and a backend goes with its last token.
+    let many = new_backend("many", &d, "k-many");
+    store.create_backend(&many).await.unwrap();
+    for t in ["m0", "m1", "m2"] {
+        token(&*store, t, &many.id, "alice").await;
+    }
+    terminate(&*store, &d, &many.id).await;
+    let reports = [
+        store.cleanup(&policy).await.unwrap(),
+        store.cleanup(&policy).await.unwrap(),
+        store.cleanup(&policy).await.unwrap(),
+    ];
+    assert_eq!(
+        reports,
+        [
+            CleanupReport {
+                backends: 0,
+                tokens: 2,
+                status_entries: 0
+            },
+            CleanupReport {
+                backends: 1,
+                tokens: 1,
+                status_entries: 2
+            },
+            CleanupReport::default(),
+        ]
+    );
+    assert!(store.backend(&many.id).await.unwrap().is_none());
+    // The live backend was never touched.
+    assert_eq!(store.route("t-live").await.unwrap().unwrap().backend_id, live.id);
+    assert_eq!(store.status_history(&live.id).await.unwrap().len(), 1);
 }

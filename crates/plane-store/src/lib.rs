@@ -17,6 +17,7 @@
 //! only when its backend is terminated or its lease has expired.
 
 pub mod conformance;
+pub mod fanout;
 pub mod postgres;
 mod rows;
 pub use rows::LOST_MESSAGE;
@@ -309,11 +310,46 @@ pub struct Termination {
     pub reason: TerminationReason,
 }
 
+/// What [`Store::cleanup`] may delete in one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CleanupPolicy {
+    /// A terminated backend is kept this long after its termination (the time of its
+    /// `terminated` status entry, in the store's clock), so that its status and history
+    /// can still be read; after that it may be deleted.
+    pub terminated_retention: Duration,
+    /// The most backends, and separately the most tokens, one call deletes.
+    pub batch: u32,
+}
+
+/// What one [`Store::cleanup`] call deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CleanupReport {
+    /// Backends deleted.
+    pub backends: u64,
+    /// Tokens deleted.
+    pub tokens: u64,
+    /// Status history entries deleted (those of the deleted backends).
+    pub status_entries: u64,
+}
+
+impl CleanupReport {
+    /// Whether the call deleted nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == CleanupReport::default()
+    }
+}
+
 /// The store interface of the controller. Each method is atomic.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// A round trip to the store.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Fan-out to the other controllers sharing this store; `None` if no other
+    /// controller can share it (SQLite).
+    fn fanout(&self) -> Option<fanout::SharedFanout> {
+        None
+    }
 
     /// Records a controller heartbeat.
     async fn controller_heartbeat(&self, name: &ControllerName) -> StoreResult<()>;
@@ -330,6 +366,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Starts draining a drone. `None` if unknown; `Some(false)` if already draining.
     async fn drain_drone(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>>;
+
+    /// Stops draining a drone, so that it may take new backends again. `None` if
+    /// unknown in this cluster; `Some(false)` if it was not draining; `Some(true)` if it
+    /// was. One statement decides, so of concurrent calls one at most reports a change.
+    async fn undrain_drone(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>>;
 
     /// The drones of a cluster.
     async fn drones(&self, cluster: &ClusterName) -> StoreResult<Vec<DroneRecord>>;
@@ -410,4 +451,19 @@ pub trait Store: Send + Sync + 'static {
     /// Marks `terminated` with reason `lost` every backend whose key lease expired
     /// without it terminating (its drone is gone); returns them with their new entry.
     async fn mark_lost(&self) -> StoreResult<Vec<(BackendName, StatusEntry)>>;
+
+    /// Deletes what terminated backends leave behind, in bounded batches; call it again
+    /// until it reports nothing. One call, one transaction:
+    /// * deletes at most `policy.batch` tokens of terminated backends (revoked or not,
+    ///   of any age: such a token no longer routes), those of the longest terminated
+    ///   backends first;
+    /// * then deletes at most `policy.batch` backends that are terminated, whose
+    ///   termination is older than `policy.terminated_retention`, and that have no token
+    ///   left, longest terminated first, with their status history and any key row.
+    ///
+    /// Nothing of a backend that is not terminated is deleted, not even its revoked
+    /// tokens (a revoked static token must stay revoked when a connect issues it again).
+    /// Concurrent calls (several controllers) skip each other's rows instead of waiting,
+    /// and delete every row once.
+    async fn cleanup(&self, policy: &CleanupPolicy) -> StoreResult<CleanupReport>;
 }

@@ -27,8 +27,14 @@
 //!   * Statements that touch many backend rows (`sweep`, `keepalive`, `mark_lost`) lock
 //!     them in id order, so they cannot deadlock with each other; the lock order is
 //!     always backend row before key row.
-//!   * Single-statement methods (heartbeats, registrations, renewals, revocations) are
-//!     atomic as they are, and re-check their conditions on the latest row version.
+//!   * `cleanup` locks what it deletes with `SKIP LOCKED` (token rows, then backend
+//!     rows `FOR UPDATE`), so two controllers cleaning at once take disjoint rows and
+//!     never wait for each other, nor for a row a report or a keepalive holds. Its
+//!     backend lock also keeps out a token insert for that backend (the foreign-key
+//!     check waits for it, then fails).
+//!   * Single-statement methods (heartbeats, registrations, drains, renewals,
+//!     revocations) are atomic as they are, and re-check their conditions on the latest
+//!     row version.
 //! * **Bounded calls.** Acquiring a connection is bounded by
 //!   [`PostgresOptions::acquire_timeout`] (a stopped server gives an error, not a hang),
 //!   and each call as a whole by [`PostgresOptions::call_timeout`] (a server that stops
@@ -43,8 +49,9 @@ use crate::rows::{
     LOST_MESSAGE,
 };
 use crate::{
-    ApplyOutcome, BackendRecord, BackendUpdate, CreateOutcome, DroneRecord, DroneRegistration, KeyHolder, NewBackend,
-    NewToken, ProxyRecord, ProxyRegistration, Store, StoreError, StoreResult, Termination, TokenRoute,
+    ApplyOutcome, BackendRecord, BackendUpdate, CleanupPolicy, CleanupReport, CreateOutcome, DroneRecord,
+    DroneRegistration, KeyHolder, NewBackend, NewToken, ProxyRecord, ProxyRegistration, Store, StoreError, StoreResult,
+    Termination, TokenRoute,
 };
 use async_trait::async_trait;
 use plane_types::api::KeyConfig;
@@ -381,6 +388,91 @@ impl PostgresStore {
         Ok(known.map(|_| false))
     }
 
+    async fn undrain_drone_tx(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>> {
+        // As in `drain_drone_tx`: the update re-checks `draining` on the latest row.
+        let stopped = sqlx::query("UPDATE drone SET draining = FALSE WHERE name = $1 AND cluster = $2 AND draining")
+            .bind(name.as_str())
+            .bind(cluster.as_str())
+            .execute(&self.pool)
+            .await?;
+        if stopped.rows_affected() == 1 {
+            return Ok(Some(true));
+        }
+        let known = sqlx::query("SELECT 1 FROM drone WHERE name = $1 AND cluster = $2")
+            .bind(name.as_str())
+            .bind(cluster.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(known.map(|_| false))
+    }
+
+    async fn cleanup_tx(&self, policy: &CleanupPolicy) -> StoreResult<CleanupReport> {
+        let batch = i64::from(policy.batch);
+        let mut tx = self.pool.begin().await?;
+        // Tokens of terminated backends, longest terminated first. A terminated backend
+        // stays terminated, so its row needs no lock; the token rows are locked,
+        // skipping those another transaction holds (a concurrent cleanup, a revocation).
+        let tokens = sqlx::query(
+            "WITH doomed AS (SELECT t.token FROM backend_status s JOIN backend b ON b.id = s.backend_id \
+             JOIN token t ON t.backend_id = s.backend_id WHERE s.status_order = 70 AND b.status_order = 70 \
+             ORDER BY s.time, s.backend_id, t.token LIMIT $1 FOR UPDATE OF t SKIP LOCKED) \
+             DELETE FROM token t USING doomed WHERE t.token = doomed.token",
+        )
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // Backends terminated before the cutoff, once their tokens are gone (a backend's
+        // tokens are not bounded in number, so they go in the token batches above).
+        // Locked `FOR UPDATE` (they are deleted), skipping rows others hold; the limit
+        // counts locked rows only. Deciding needs no wait, so the statement's time is
+        // current.
+        let ids: Vec<String> = sqlx::query_scalar(
+            "WITH now AS MATERIALIZED (SELECT plane_now_ms() AS ms) \
+             SELECT b.id FROM backend_status s JOIN backend b ON b.id = s.backend_id CROSS JOIN now \
+             WHERE s.status_order = 70 AND b.status_order = 70 AND s.time <= now.ms - $1 \
+             AND NOT EXISTS (SELECT 1 FROM token t WHERE t.backend_id = b.id) \
+             ORDER BY s.time, s.backend_id LIMIT $2 FOR UPDATE OF b SKIP LOCKED",
+        )
+        .bind(millis(policy.terminated_retention))
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut report = CleanupReport {
+            tokens,
+            ..CleanupReport::default()
+        };
+        if ids.is_empty() {
+            tx.commit().await?;
+            return Ok(report);
+        }
+        // A token committed after the check above (a connect that raced with the
+        // termination) would keep the backend row; the lock keeps any later one out.
+        report.tokens += sqlx::query("DELETE FROM token WHERE backend_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        // A terminated backend holds no key row (termination deletes it); one left over
+        // would keep the backend row, so it goes too. Backend row before key row.
+        sqlx::query("DELETE FROM backend_key WHERE backend_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        report.status_entries = sqlx::query("DELETE FROM backend_status WHERE backend_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        report.backends = sqlx::query("DELETE FROM backend WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(report)
+    }
+
     async fn apply_update_tx(&self, drone: &DroneName, u: &BackendUpdate) -> StoreResult<ApplyOutcome> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
@@ -563,6 +655,10 @@ impl PostgresStore {
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn fanout(&self) -> Option<crate::fanout::SharedFanout> {
+        Some(std::sync::Arc::new(crate::fanout::PgFanout::new(self)))
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         self.bounded("ping", async {
             sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -638,6 +734,11 @@ impl Store for PostgresStore {
         self.bounded("drain_drone", self.drain_drone_tx(cluster, name)).await
     }
 
+    async fn undrain_drone(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>> {
+        self.bounded("undrain_drone", self.undrain_drone_tx(cluster, name))
+            .await
+    }
+
     async fn drones(&self, cluster: &ClusterName) -> StoreResult<Vec<DroneRecord>> {
         self.bounded("drones", async {
             let rows = sqlx::query(&format!("{DRONE_SELECT} WHERE d.cluster = $1 ORDER BY d.name"))
@@ -695,11 +796,13 @@ impl Store for PostgresStore {
 
     async fn proxy_disconnected(&self, name: &ProxyName, controller: &ControllerName) -> StoreResult<()> {
         self.bounded("proxy_disconnected", async {
-            sqlx::query("UPDATE proxy SET connected = FALSE, last_seen = plane_now_ms() WHERE name = $1 AND controller = $2")
-                .bind(name.as_str())
-                .bind(controller.as_str())
-                .execute(&self.pool)
-                .await?;
+            sqlx::query(
+                "UPDATE proxy SET connected = FALSE, last_seen = plane_now_ms() WHERE name = $1 AND controller = $2",
+            )
+            .bind(name.as_str())
+            .bind(controller.as_str())
+            .execute(&self.pool)
+            .await?;
             Ok(())
         })
         .await
@@ -963,6 +1066,10 @@ impl Store for PostgresStore {
 
     async fn mark_lost(&self) -> StoreResult<Vec<(BackendName, StatusEntry)>> {
         self.bounded("mark_lost", self.mark_lost_tx()).await
+    }
+
+    async fn cleanup(&self, policy: &CleanupPolicy) -> StoreResult<CleanupReport> {
+        self.bounded("cleanup", self.cleanup_tx(policy)).await
     }
 }
 

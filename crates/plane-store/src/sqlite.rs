@@ -9,8 +9,9 @@ use crate::rows::{
     LOST_MESSAGE,
 };
 use crate::{
-    ApplyOutcome, BackendRecord, BackendUpdate, CreateOutcome, DroneRecord, DroneRegistration, KeyHolder, NewBackend,
-    NewToken, ProxyRecord, ProxyRegistration, Store, StoreError, StoreResult, Termination, TokenRoute,
+    ApplyOutcome, BackendRecord, BackendUpdate, CleanupPolicy, CleanupReport, CreateOutcome, DroneRecord,
+    DroneRegistration, KeyHolder, NewBackend, NewToken, ProxyRecord, ProxyRegistration, Store, StoreError, StoreResult,
+    Termination, TokenRoute,
 };
 use async_trait::async_trait;
 use plane_types::api::KeyConfig;
@@ -214,6 +215,25 @@ impl Store for SqliteStore {
     async fn drain_drone(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>> {
         // One statement decides, so two concurrent drains cannot both report a change.
         let updated = sqlx::query("UPDATE drone SET draining = 1 WHERE name = ?1 AND cluster = ?2 AND draining = 0")
+            .bind(name.as_str())
+            .bind(cluster.as_str())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if updated > 0 {
+            return Ok(Some(true));
+        }
+        let exists = sqlx::query("SELECT 1 FROM drone WHERE name = ?1 AND cluster = ?2")
+            .bind(name.as_str())
+            .bind(cluster.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(exists.map(|_| false))
+    }
+
+    async fn undrain_drone(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>> {
+        // One statement decides, as in `drain_drone`.
+        let updated = sqlx::query("UPDATE drone SET draining = 0 WHERE name = ?1 AND cluster = ?2 AND draining <> 0")
             .bind(name.as_str())
             .bind(cluster.as_str())
             .execute(&self.pool)
@@ -715,6 +735,63 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(lost)
+    }
+
+    async fn cleanup(&self, policy: &CleanupPolicy) -> StoreResult<CleanupReport> {
+        let retention = i64::try_from(policy.terminated_retention.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = now_ms().saturating_sub(retention);
+        let batch = i64::from(policy.batch);
+        let mut tx = self.pool.begin().await?;
+        // Tokens of terminated backends (status 70 is final), longest terminated first.
+        // CROSS JOIN fixes SQLite's join order: the walk starts on the index of
+        // terminations (migration 0003), in order, and stops at the limit.
+        let tokens = sqlx::query(
+            "DELETE FROM token WHERE token IN (SELECT t.token FROM backend_status s \
+             CROSS JOIN backend b ON b.id = s.backend_id CROSS JOIN token t ON t.backend_id = s.backend_id \
+             WHERE s.status_order = 70 AND b.status_order = 70 ORDER BY s.time, s.backend_id, t.token LIMIT ?1)",
+        )
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // Backends terminated before the cutoff, once their tokens are gone: a backend's
+        // tokens are not bounded in number, so they go in the token batches above.
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT s.backend_id FROM backend_status s CROSS JOIN backend b ON b.id = s.backend_id \
+             WHERE s.status_order = 70 AND b.status_order = 70 AND s.time <= ?1 \
+             AND NOT EXISTS (SELECT 1 FROM token t WHERE t.backend_id = s.backend_id) \
+             ORDER BY s.time, s.backend_id LIMIT ?2",
+        )
+        .bind(cutoff)
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut report = CleanupReport {
+            tokens,
+            ..CleanupReport::default()
+        };
+        if !ids.is_empty() {
+            let ids = to_json(&ids)?;
+            // A terminated backend holds no key row (termination deletes it); one left
+            // over would keep the backend row, so it goes too.
+            sqlx::query("DELETE FROM backend_key WHERE backend_id IN (SELECT value FROM json_each(?1))")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            report.status_entries =
+                sqlx::query("DELETE FROM backend_status WHERE backend_id IN (SELECT value FROM json_each(?1))")
+                    .bind(&ids)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            report.backends = sqlx::query("DELETE FROM backend WHERE id IN (SELECT value FROM json_each(?1))")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(report)
     }
 }
 

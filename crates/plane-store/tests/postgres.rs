@@ -7,19 +7,23 @@
 //!   backends marked exactly once;
 //! * migrations are idempotent, also when several controllers migrate at once;
 //! * an outage: calls fail within the acquire timeout, and the same store works again
-//!   once the server is back.
+//!   once the server is back;
+//! * cleanup skips rows other transactions hold instead of waiting, and concurrent
+//!   cleanups delete every row once.
 
 use plane_store::conformance;
-use plane_store::conformance::{cluster, drone, key, new_backend_with_lease, update};
+use plane_store::conformance::{cleanup_policy, cluster, drone, key, new_backend_with_lease, terminate, token, update};
 use plane_store::postgres::{PostgresOptions, PostgresStore};
 use plane_store::sqlite::SqliteStore;
 use plane_store::LOST_MESSAGE;
-use plane_store::{ApplyOutcome, CreateOutcome, NewToken, ProxyRegistration, SharedStore, Store};
+use plane_store::{ApplyOutcome, CleanupReport, CreateOutcome, NewToken, ProxyRegistration, SharedStore, Store};
 use plane_test_postgres::TestPostgres;
 use plane_types::names::BackendName;
 use plane_types::status::{BackendStatus, TerminationKind, TerminationReason};
+use sqlx::Connection;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -250,6 +254,40 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
         .map(|r| r.registration)
         .collect();
     out.push(format!("proxies: {proxies:?}"));
+
+    out.push(format!(
+        "undrain: {:?}",
+        store.undrain_drone(&cluster(), &d).await.unwrap()
+    ));
+    out.push(format!(
+        "undrain again: {:?}",
+        store.undrain_drone(&cluster(), &d).await.unwrap()
+    ));
+    // Tokens of terminated backends go at once, backends after the retention; one
+    // backend (the longest terminated) per call here.
+    let hour = Duration::from_secs(3600);
+    for policy in [
+        cleanup_policy(hour, 2),
+        cleanup_policy(Duration::ZERO, 1),
+        cleanup_policy(Duration::ZERO, 1),
+        cleanup_policy(Duration::ZERO, 1),
+    ] {
+        out.push(format!(
+            "cleanup {policy:?}: {:?}",
+            store.cleanup(&policy).await.unwrap()
+        ));
+    }
+    for id in ["b1", "b3", "b4", "b5", "b6"] {
+        let id: BackendName = id.parse().unwrap();
+        out.push(format!(
+            "after cleanup {id}: {:?}",
+            store.backend(&id).await.unwrap().map(|r| r.status)
+        ));
+    }
+    out.push(format!(
+        "route t3 after cleanup: {:?}",
+        store.route("t3").await.unwrap()
+    ));
     out
 }
 
@@ -756,4 +794,189 @@ async fn an_outage_fails_calls_quickly_and_the_store_recovers() {
             .unwrap(),
         CreateOutcome::Created { .. }
     ));
+}
+
+#[tokio::test]
+async fn cleanup_skips_rows_another_transaction_holds() {
+    let db = database();
+    let store = PostgresStore::connect(&db.url()).await.unwrap();
+    let d = drone(&store, "dr-one").await;
+    let long = Duration::from_secs(60);
+    for name in ["free", "held", "tok"] {
+        let b = new_backend_with_lease(name, &d, &format!("k-{name}"), long);
+        store.create_backend(&b).await.unwrap();
+        if name == "tok" {
+            token(&store, "t-locked", &b.id, "alice").await;
+            token(&store, "t-free", &b.id, "bob").await;
+        }
+        terminate(&store, &d, &b.id).await;
+    }
+    // Another session holds the row of `held` (as a late report does) and one token
+    // of `tok` (as a revocation in progress does).
+    let mut other = sqlx::PgConnection::connect(&db.url()).await.unwrap();
+    let mut tx = other.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM backend WHERE id = 'held' FOR NO KEY UPDATE")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM token WHERE token = 't-locked' FOR UPDATE")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let policy = cleanup_policy(Duration::ZERO, 100);
+    let report = tokio::time::timeout(Duration::from_secs(5), store.cleanup(&policy))
+        .await
+        .expect("cleanup waited for a row another transaction holds")
+        .unwrap();
+    assert_eq!(
+        report,
+        CleanupReport {
+            backends: 1,
+            tokens: 1,
+            status_entries: 2,
+        }
+    );
+    assert!(store.backend(&"free".parse().unwrap()).await.unwrap().is_none());
+    assert!(store.backend(&"held".parse().unwrap()).await.unwrap().is_some());
+    assert!(store.backend(&"tok".parse().unwrap()).await.unwrap().is_some());
+    tx.rollback().await.unwrap();
+    // Released: the rest goes.
+    assert_eq!(
+        store.cleanup(&policy).await.unwrap(),
+        CleanupReport {
+            backends: 2,
+            tokens: 1,
+            status_entries: 4,
+        }
+    );
+    assert!(store.cleanup(&policy).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_cleanups_delete_each_row_once() {
+    let options = PostgresOptions {
+        max_connections: 8,
+        ..PostgresOptions::default()
+    };
+    let store = Arc::new(fresh_store(&options).await);
+    let d = drone(&*store, "dr-one").await;
+    let long = Duration::from_secs(60);
+    let live = new_backend_with_lease("live", &d, "k-live", long);
+    store.create_backend(&live).await.unwrap();
+    store
+        .apply_update(&d, &update(&live.id, BackendStatus::Ready))
+        .await
+        .unwrap();
+    token(&*store, "t-live", &live.id, "alice").await;
+    // Terminated backends, each with a token, a revoked token and three statuses.
+    const BACKENDS: usize = 40;
+    let mut doomed = Vec::new();
+    for i in 0..BACKENDS {
+        let b = new_backend_with_lease(&format!("b{i:02}"), &d, &format!("k{i}"), long);
+        store.create_backend(&b).await.unwrap();
+        store
+            .apply_update(&d, &update(&b.id, BackendStatus::Ready))
+            .await
+            .unwrap();
+        token(&*store, &format!("ta{i}"), &b.id, "alice").await;
+        token(&*store, &format!("tb{i}"), &b.id, "bob").await;
+        store.revoke(&b.id, "bob").await.unwrap();
+        terminate(&*store, &d, &b.id).await;
+        doomed.push(b.id);
+    }
+    let expected = CleanupReport {
+        backends: BACKENDS as u64,
+        tokens: 2 * BACKENDS as u64,
+        status_entries: 3 * BACKENDS as u64,
+    };
+
+    // Three cleaners at once, while late reports, keepalives and revocations lock the
+    // same rows, and the live backend gets tokens and routes.
+    const CLEANERS: usize = 3;
+    let start = Arc::new(tokio::sync::Barrier::new(CLEANERS + 2));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut cleaners = Vec::new();
+    for _ in 0..CLEANERS {
+        let (store, start) = (store.clone(), start.clone());
+        cleaners.push(tokio::spawn(async move {
+            start.wait().await;
+            let mut total = CleanupReport::default();
+            let mut calls = 0;
+            loop {
+                let r = store.cleanup(&cleanup_policy(Duration::ZERO, 3)).await.unwrap();
+                assert!(r.backends <= 3 && r.tokens <= 3 + 3 * 2, "{r:?}");
+                calls += 1;
+                if r.is_empty() {
+                    return (total, calls);
+                }
+                total.backends += r.backends;
+                total.tokens += r.tokens;
+                total.status_entries += r.status_entries;
+            }
+        }));
+    }
+    let disturbers = {
+        let (store, start, done, d, doomed) = (store.clone(), start.clone(), done.clone(), d.clone(), doomed.clone());
+        let live = live.id.clone();
+        tokio::spawn(async move {
+            start.wait().await;
+            let mut round = 0;
+            while !done.load(Ordering::SeqCst) {
+                let late = &doomed[round % doomed.len()];
+                let late_report = update(late, BackendStatus::Terminated);
+                let (keepalive, report, revoke, route) = tokio::join!(
+                    store.keepalive(&doomed),
+                    store.apply_update(&d, &late_report),
+                    store.revoke(late, "alice"),
+                    store.route("t-live"),
+                );
+                keepalive.unwrap();
+                let report = report.unwrap();
+                assert!(
+                    matches!(report, ApplyOutcome::Stale | ApplyOutcome::UnknownBackend),
+                    "{report:?}"
+                );
+                revoke.unwrap();
+                assert_eq!(route.unwrap().unwrap().status, BackendStatus::Ready);
+                token(&*store, &format!("live{round}"), &live, "alice").await;
+                round += 1;
+            }
+            round
+        })
+    };
+    start.wait().await;
+    let mut total = CleanupReport::default();
+    for c in cleaners {
+        let (t, calls) = c.await.unwrap();
+        eprintln!("cleaner: {t:?} in {calls} calls");
+        total.backends += t.backends;
+        total.tokens += t.tokens;
+        total.status_entries += t.status_entries;
+    }
+    done.store(true, Ordering::SeqCst);
+    let rounds = disturbers.await.unwrap();
+    eprintln!("cleanup raced with {rounds} rounds of other calls");
+    // A cleaner may have stopped on rows the others held; what is left goes now.
+    loop {
+        let r = store.cleanup(&cleanup_policy(Duration::ZERO, 100)).await.unwrap();
+        if r.is_empty() {
+            break;
+        }
+        total.backends += r.backends;
+        total.tokens += r.tokens;
+        total.status_entries += r.status_entries;
+    }
+    assert_eq!(total, expected, "every row deleted once");
+    for id in &doomed {
+        assert!(store.backend(id).await.unwrap().is_none(), "{id} is left");
+        assert!(store.status_history(id).await.unwrap().is_empty());
+    }
+    assert_eq!(store.status_history(&live.id).await.unwrap().len(), 2);
+    assert_eq!(
+        store.route("t-live").await.unwrap().map(|r| r.backend_id),
+        Some(live.id.clone())
+    );
+    for round in 0..rounds {
+        assert!(store.route(&format!("live{round}")).await.unwrap().is_some());
+    }
 }

@@ -344,6 +344,9 @@ pub enum ControllerToProxy {
         /// The token.
         token: String,
     },
+    /// The controller may have missed invalidations (its fan-out from other
+    /// controllers was interrupted): drop every cached route. Lookups in flight stay.
+    ResetRoutes,
 }
 
 #[cfg(test)]
@@ -351,8 +354,14 @@ mod tests {
     #[test]
     fn socket_urls_of_one_or_several_controllers() {
         let urls = |s: &str| socket_urls(s, DRONE_SOCKET_PATH);
-        assert_eq!(urls("http://127.0.0.1:8080").unwrap(), ["ws://127.0.0.1:8080/ctrl/drone-socket"]);
-        assert_eq!(urls("https://ctrl.example.com/").unwrap(), ["wss://ctrl.example.com/ctrl/drone-socket"]);
+        assert_eq!(
+            urls("http://127.0.0.1:8080").unwrap(),
+            ["ws://127.0.0.1:8080/ctrl/drone-socket"]
+        );
+        assert_eq!(
+            urls("https://ctrl.example.com/").unwrap(),
+            ["wss://ctrl.example.com/ctrl/drone-socket"]
+        );
         assert_eq!(urls("ws://h:1/base").unwrap(), ["ws://h:1/base/ctrl/drone-socket"]);
         assert_eq!(urls("WSS://h").unwrap(), ["wss://h/ctrl/drone-socket"]);
         assert_eq!(
