@@ -202,6 +202,13 @@ impl PlaneClient {
         self.json(Method::POST, &path, Some(&())).await
     }
 
+    /// `POST /ctrl/c/:cluster/d/:drone/undrain` (not in Plane 0.5): schedules backends
+    /// on a draining drone again. `updated` is false if it was not draining.
+    pub async fn undrain(&self, cluster: &ClusterName, drone: &DroneName) -> Result<DrainResponse, ClientError> {
+        let path = ["ctrl", "c", cluster.as_str(), "d", drone.as_str(), "undrain"];
+        self.json(Method::POST, &path, Some(&())).await
+    }
+
     /// `GET /ctrl/c/:cluster/state`: the drones and proxies of a cluster.
     pub async fn cluster_state(&self, cluster: &ClusterName) -> Result<ClusterState, ClientError> {
         self.json(Method::GET, &["ctrl", "c", cluster.as_str(), "state"], None::<&()>)

@@ -42,6 +42,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/ctrl/connect", post(connect))
         .route("/ctrl/c/{cluster}/state", get(cluster_state))
         .route("/ctrl/c/{cluster}/d/{drone}/drain", post(drain))
+        .route("/ctrl/c/{cluster}/d/{drone}/undrain", post(undrain))
         .route("/ctrl/b/revoke", post(revoke))
         .route("/ctrl/b/{backend}/soft-terminate", post(soft_terminate))
         .route("/ctrl/b/{backend}/hard-terminate", post(hard_terminate))
@@ -323,6 +324,22 @@ async fn drain(
     match c.store().drain_drone(&cluster, &drone).await? {
         Some(updated) => {
             tracing::info!(%drone, updated, "drone draining");
+            Ok(Json(DrainResponse { updated }))
+        }
+        None => Err(HttpError::not_found(format!("no drone {drone} in cluster {cluster}"))),
+    }
+}
+
+/// Not in Plane 0.5: makes a draining drone schedulable again.
+async fn undrain(
+    State(c): AppState,
+    ApiPath((cluster, drone)): ApiPath<(String, String)>,
+) -> Result<Json<DrainResponse>, HttpError> {
+    let cluster = path_cluster(&cluster)?;
+    let drone: DroneName = path_name("drone name", &drone)?;
+    match c.store().undrain_drone(&cluster, &drone).await? {
+        Some(updated) => {
+            tracing::info!(%drone, updated, "drone no longer draining");
             Ok(Json(DrainResponse { updated }))
         }
         None => Err(HttpError::not_found(format!("no drone {drone} in cluster {cluster}"))),

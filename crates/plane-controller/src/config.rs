@@ -37,6 +37,11 @@ pub struct ControllerTimings {
     pub route_wait: Duration,
     /// How many random candidates the scheduler compares.
     pub scheduler_candidates: usize,
+    /// How often terminated backends past their retention (with their tokens and
+    /// status history) are deleted, a bounded batch at a time.
+    pub cleanup_interval: Duration,
+    /// How long a terminated backend stays queryable before cleanup deletes it.
+    pub terminated_retention: Duration,
 }
 
 impl Default for ControllerTimings {
@@ -47,6 +52,8 @@ impl Default for ControllerTimings {
             sweep_interval: Duration::from_secs(1),
             route_wait: Duration::from_secs(30),
             scheduler_candidates: 2,
+            cleanup_interval: Duration::from_secs(60),
+            terminated_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

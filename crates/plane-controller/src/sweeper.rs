@@ -9,12 +9,18 @@ use std::sync::Arc;
 pub async fn run(c: Arc<Controller>) {
     let mut tick = tokio::time::interval(c.config.timings.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cleanup = tokio::time::interval(c.config.timings.cleanup_interval);
+    cleanup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resend = tokio::time::interval(RESEND_INTERVAL);
     resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resend.reset();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = cleanup.tick() => {
+                clean_up(&c).await;
+                continue;
+            }
             _ = resend.tick(), if c.has_peers() => {
                 // A controller that died between its commit and its notice leaves a
                 // spawn or termination that only the store knows of.
@@ -35,6 +41,44 @@ const RESEND_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reports (progress, metrics) not refreshed for this long are forgotten.
 const OBSERVED_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Rows deleted per cleanup call, and calls per cleanup pass: a pass does bounded
+/// work, and whatever is left waits for the next one.
+const CLEANUP_BATCH: u32 = 500;
+const CLEANUP_CALLS: usize = 20;
+
+/// Deletes terminated backends past their retention, in bounded batches.
+pub async fn clean_up(c: &Controller) {
+    let policy = plane_store::CleanupPolicy {
+        terminated_retention: c.config.timings.terminated_retention,
+        batch: CLEANUP_BATCH,
+    };
+    let mut total = plane_store::CleanupReport::default();
+    for _ in 0..CLEANUP_CALLS {
+        match c.store().cleanup(&policy).await {
+            Ok(r) => {
+                total.backends += r.backends;
+                total.tokens += r.tokens;
+                total.status_entries += r.status_entries;
+                if r.backends < u64::from(CLEANUP_BATCH) && r.tokens < u64::from(CLEANUP_BATCH) {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cleanup failed; retrying at the next pass");
+                break;
+            }
+        }
+    }
+    if !total.is_empty() {
+        tracing::info!(
+            backends = total.backends,
+            tokens = total.tokens,
+            status_entries = total.status_entries,
+            "deleted terminated backends past their retention"
+        );
+    }
+}
 
 /// One pass of the sweep.
 pub async fn sweep_once(c: &Controller) -> Result<(), plane_store::StoreError> {

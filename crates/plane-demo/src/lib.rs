@@ -47,6 +47,9 @@
 //! * `DEMO_SIGTERM_FILE` — if set, every SIGTERM first appends `SIGTERM <unix ms>\n` to
 //!   this file and fsyncs it, so a test can tell a graceful stop from a SIGKILL even
 //!   after the process (or its container) is gone;
+//! * `DEMO_LIFECYCLE_DIR` — if set, the backend holds an exclusive lock on its key's file
+//!   under this directory while it lives and logs its start and stop there, with its
+//!   fencing token (see [`lifecycle`]): the fault-injection suite's witness;
 //! * `DEMO_IGNORE_SIGTERM=1` — record SIGTERM (file, stdout, `/debug/signals`) and keep
 //!   running, so the orchestrator has to SIGKILL the backend after its grace period;
 //! * `RUST_LOG` — the log level of the standalone binary (`error` … `trace`, default
@@ -68,6 +71,7 @@
 //! Linux only: it reads `/proc` and `/sys/fs/cgroup`.
 
 mod debug;
+pub mod lifecycle;
 mod limits;
 mod signals;
 
@@ -376,6 +380,7 @@ pub async fn run() -> anyhow::Result<()> {
     };
     // Install the signal handlers before accepting traffic, so an early SIGTERM is
     // still recorded and a graceful stop.
+    let lifecycle = lifecycle::Lifecycle::start_from_env().context("DEMO_LIFECYCLE_DIR")?;
     let signal_log = SignalLog::default();
     let shutdown = signals::watch(SignalConfig::from_process(), signal_log.clone())?;
     let addr = SocketAddr::from(([0, 0, 0, 0], port));
@@ -389,6 +394,9 @@ pub async fn run() -> anyhow::Result<()> {
     serve_state(listener, AppState::new(env, signal_log, exit), shutdown)
         .await
         .context("demo backend server failed")?;
+    if let Some(l) = lifecycle {
+        l.stop();
+    }
     tracing::info!("demo backend stopped");
     Ok(())
 }

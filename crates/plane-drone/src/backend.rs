@@ -14,7 +14,8 @@
 //! * Once it runs, `terminated` is reported only when the runtime has seen it exit.
 //! * The lease: `RenewKey` from `renew_at` on, repeated every `renew_retry` until
 //!   `Renewed`; past `soft_terminate_at` it is soft-terminated (`keyexpired`), past
-//!   `hard_terminate_at` hard-terminated.
+//!   `hard_terminate_at` hard-terminated. Renewed deadlines are stored (retried every
+//!   `renew_retry` until that works): the watchdog kills by the stored ones.
 //! * A restarted drone resumes a backend from its [`BackendRecord`]: a backend that
 //!   was ready or terminating is re-adopted if the runtime still finds it; anything
 //!   else is stopped and reported `lost`.
@@ -116,6 +117,10 @@ struct Lease {
     last_request: Option<Instant>,
     /// The controller said the lease is gone: stop asking.
     revoked: bool,
+    /// The deadlines could not be stored: when storing them was last tried. The
+    /// watchdog reads them from the state store, and would kill the backend at the
+    /// stored (older) hard deadline.
+    unsaved_since: Option<Instant>,
 }
 
 /// Why a phase was cut short.
@@ -211,6 +216,7 @@ impl BackendTask {
             deadlines: deadlines.unwrap_or(s.deadlines),
             last_request: None,
             revoked: false,
+            unsaved_since: None,
         });
         BackendTask {
             id,
@@ -476,6 +482,7 @@ impl BackendTask {
                     }
                 },
                 _ = sleep_until_opt(wake) => {
+                    self.save_deadlines().await;
                     if let Some((kind, reason)) = self.lease_tick() {
                         return Err(Interrupt::Terminate(kind, reason));
                     }
@@ -561,6 +568,7 @@ impl BackendTask {
                     }
                 },
                 _ = sleep_until_opt(wake) => {
+                    self.save_deadlines().await;
                     if let Some((kind, reason)) = self.lease_tick() {
                         self.stop(&handle, kind, reason).await;
                     }
@@ -631,6 +639,22 @@ impl BackendTask {
         };
     }
 
+    /// Stores the lease's deadlines if they are not stored yet (retried every
+    /// `renew_retry` until it works).
+    async fn save_deadlines(&mut self) {
+        let Some(lease) = self.lease.as_mut() else { return };
+        if lease.unsaved_since.is_none() {
+            return;
+        }
+        match self.ctx.store.set_deadlines(&self.id, &lease.deadlines).await {
+            Ok(()) => lease.unsaved_since = None,
+            Err(err) => {
+                error!(backend_id = %self.id, %err, "could not record renewed deadlines; retrying");
+                lease.unsaved_since = Some(Instant::now());
+            }
+        }
+    }
+
     /// When the lease next needs attention, if ever.
     fn lease_wakeup(&self) -> Option<Instant> {
         let lease = self.lease.as_ref()?;
@@ -652,6 +676,9 @@ impl BackendTask {
         }
         if self.status < BackendStatus::HardTerminating {
             consider(instant_at(d.hard_terminate_at));
+        }
+        if let Some(tried) = lease.unsaved_since {
+            consider(tried + self.ctx.timings.renew_retry);
         }
         next
     }
@@ -692,9 +719,8 @@ impl BackendTask {
                 debug!(backend_id = %self.id, renew_at = d.renew_at, "key lease renewed");
                 lease.deadlines = d;
                 lease.last_request = None;
-                if let Err(err) = self.ctx.store.set_deadlines(&self.id, &d).await {
-                    error!(backend_id = %self.id, %err, "could not record renewed deadlines");
-                }
+                lease.unsaved_since = Some(Instant::now());
+                self.save_deadlines().await;
                 None
             }
             None => {

@@ -33,6 +33,11 @@ pub struct DroneConfig {
     pub docker: Option<DockerRuntimeConfig>,
     /// Loop timings.
     pub timings: DroneTimings,
+    /// If set, every status change the drone records is also appended to this file as
+    /// one JSON line, `{"backend_id": …, "status": …, "time": <drone clock, ms>}` (for
+    /// fault-injection checkers). Opened in append mode, so restarts keep appending;
+    /// write failures are logged, never fatal.
+    pub event_journal: Option<PathBuf>,
 }
 
 /// Configuration of the process runtime, which runs backends as child processes.

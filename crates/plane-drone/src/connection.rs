@@ -17,9 +17,7 @@ use crate::drone::Drone;
 use crate::state::{now_ms, StateStore};
 use futures_util::{SinkExt, StreamExt};
 use plane_types::names::{ClusterName, DroneName};
-use plane_types::protocol::{
-    BackendEvent, ControllerToDrone, DroneHello, DroneToController, PROTOCOL_VERSION,
-};
+use plane_types::protocol::{BackendEvent, ControllerToDrone, DroneHello, DroneToController, PROTOCOL_VERSION};
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::time::Duration;

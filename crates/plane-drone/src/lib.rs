@@ -16,6 +16,9 @@
 //! * `backend`: the per-backend state machine (one task per backend).
 //! * [`runtime`]: the runtime-neutral [`Runtime`] trait, the process runtime and the
 //!   Docker runtime ([`DockerRuntime`]).
+//! * [`watchdog`]: a separate process (`plane drone-watchdog`) that kills backends whose
+//!   hard lease deadline passed while no drone stopped them (the drone was killed, say),
+//!   and the lock files that tell a drone and its watchdog about each other.
 //!
 //! **Architecture invariant:** every status change is in the state store's outbox before
 //! it is sent, and is re-sent (after reconnects and restarts too) until acked.
@@ -29,6 +32,7 @@
 pub mod config;
 pub mod runtime;
 pub mod state;
+pub mod watchdog;
 
 mod backend;
 mod connection;
@@ -73,6 +77,10 @@ const KEEP_TERMINATED: Duration = Duration::from_secs(3600);
 /// controller URL or an allow pattern is invalid, the Docker engine is unreachable, or
 /// the controller rejects the handshake (e.g. a protocol version mismatch). Connection
 /// failures are retried forever with backoff.
+///
+/// While it runs, the drone holds [`watchdog::DroneLock`] on its state database, which
+/// tells a watchdog that a drone runs for it; with `config.event_journal`, status changes
+/// also go to that journal.
 pub async fn run(config: DroneConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let urls = plane_types::protocol::socket_urls(&config.controller_url, plane_types::protocol::DRONE_SOCKET_PATH)
         .map_err(anyhow::Error::msg)?;
@@ -80,9 +88,22 @@ pub async fn run(config: DroneConfig, shutdown: CancellationToken) -> anyhow::Re
         // Several rustls providers may be compiled in; pick one unless someone did.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
+    let _drone_lock = match watchdog::DroneLock::acquire(&config.db_path).await {
+        Ok(lock) => Some(lock),
+        Err(err) => {
+            // Only the watchdog's exit rule looks at it: without it, a watchdog may exit
+            // while this drone runs, once no backend needs watching.
+            warn!(%err, "cannot take the drone lock next to the state store");
+            None
+        }
+    };
     let store = StateStore::open(&config.db_path)
         .await
         .with_context(|| format!("opening the drone state store {}", config.db_path.display()))?;
+    let store = match &config.event_journal {
+        Some(path) => store.with_event_journal(path),
+        None => store,
+    };
     let result = run_with_store(config, urls, &store, shutdown).await;
     store.close().await;
     result

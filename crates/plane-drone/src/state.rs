@@ -10,6 +10,14 @@
 //! The database runs in WAL mode with `synchronous=NORMAL`: a committed event survives
 //! a crash of the drone process; an OS crash may lose the last events, but it also kills
 //! the backends they were about.
+//!
+//! The watchdog (`crate::watchdog`) reads the same file through
+//! [`StateStore::open_read_only`], a read-only connection that never migrates or writes.
+//!
+//! With an event journal ([`StateStore::with_event_journal`]), every status change is
+//! also appended to a file as one JSON line, `{"backend_id", "status", "time"}`, when it
+//! is recorded: `scheduled` when a spawn is recorded, then each outbox event once
+//! committed. Journal failures are logged, never returned.
 
 use plane_types::lease::LeaseDeadlines;
 use plane_types::names::{BackendName, DroneName};
@@ -20,9 +28,11 @@ use serde::de::DeserializeOwned;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 use std::collections::HashSet;
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{error, warn};
 
@@ -123,6 +133,50 @@ pub struct PulledImage {
 #[derive(Clone, Debug)]
 pub struct StateStore {
     pool: SqlitePool,
+    journal: Option<Arc<EventJournal>>,
+}
+
+/// The append-only file of status changes (see the module documentation).
+#[derive(Debug)]
+struct EventJournal {
+    path: PathBuf,
+    /// `None` until opened; a failed open is retried at the next line.
+    file: Mutex<Option<std::fs::File>>,
+}
+
+impl EventJournal {
+    fn open(path: &Path) -> std::io::Result<std::fs::File> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::OpenOptions::new().create(true).append(true).open(path)
+    }
+
+    /// Appends one line (and flushes it); failures are logged.
+    fn append(&self, backend_id: &BackendName, status: BackendStatus, time: i64) {
+        let line = serde_json::json!({
+            "backend_id": backend_id.as_str(),
+            "status": status.as_str(),
+            "time": time,
+        });
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if file.is_none() {
+            match EventJournal::open(&self.path) {
+                Ok(f) => *file = Some(f),
+                Err(err) => {
+                    error!(path = %self.path.display(), %err, %backend_id, %status, "cannot open the event journal; the line is lost");
+                    return;
+                }
+            }
+        }
+        if let Some(f) = file.as_mut() {
+            // One write per line: with O_APPEND, lines of concurrent writers never mix.
+            let written = f.write_all(format!("{line}\n").as_bytes()).and_then(|()| f.flush());
+            if let Err(err) = written {
+                error!(path = %self.path.display(), %err, %backend_id, %status, "cannot write to the event journal");
+            }
+        }
+    }
 }
 
 pub(crate) fn now_ms() -> EpochMillis {
@@ -261,7 +315,52 @@ impl StateStore {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(StateStore { pool })
+        Ok(StateStore { pool, journal: None })
+    }
+
+    /// Opens an existing database read-only, for a reader beside the drone (the
+    /// watchdog): no migration, no file created, no write; in WAL mode its reads never
+    /// block the drone's writes. Its one connection is kept open for good, so a database
+    /// deleted meanwhile is still read as it was.
+    pub async fn open_read_only(path: &Path) -> Result<StateStore, StateError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .read_only(true)
+            .create_if_missing(false)
+            .busy_timeout(Duration::from_secs(1));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(StateStore { pool, journal: None })
+    }
+
+    /// The same store, also appending each status change to the journal at `path`
+    /// (created if missing, appended to otherwise). A journal that cannot be opened is
+    /// logged, and opening it is tried again at the next line.
+    pub fn with_event_journal(mut self, path: &Path) -> StateStore {
+        let file = match EventJournal::open(path) {
+            Ok(file) => Some(file),
+            Err(err) => {
+                error!(path = %path.display(), %err, "cannot open the event journal; will retry at the next status change");
+                None
+            }
+        };
+        self.journal = Some(Arc::new(EventJournal {
+            path: path.to_owned(),
+            file: Mutex::new(file),
+        }));
+        self
+    }
+
+    fn journal(&self, backend_id: &BackendName, status: BackendStatus, time: i64) {
+        if let Some(journal) = &self.journal {
+            journal.append(backend_id, status, time);
+        }
     }
 
     /// Closes the database (checkpointing the WAL).
@@ -311,7 +410,11 @@ impl StateStore {
         .bind(now)
         .execute(&self.pool)
         .await?;
-        Ok(result.rows_affected() == 1)
+        let inserted = result.rows_affected() == 1;
+        if inserted {
+            self.journal(&spawn.backend_id, BackendStatus::Scheduled, now);
+        }
+        Ok(inserted)
     }
 
     /// The record of one backend.
@@ -484,6 +587,7 @@ impl StateStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.journal(backend_id, update.status, now);
         Ok(BackendEvent {
             event_id: u64::try_from(event_id).map_err(|_| StateError::Corrupt(format!("event id {event_id}")))?,
             backend_id: backend_id.clone(),
@@ -700,6 +804,100 @@ mod tests {
         store.record_event(&"b2".parse().unwrap(), &update).await.unwrap();
         let ids = store.backend_ids().await.unwrap();
         assert_eq!(ids, HashSet::from(["b1".parse().unwrap(), "b2".parse().unwrap()]));
+    }
+
+    #[tokio::test]
+    async fn the_event_journal_gets_one_line_per_status_change() {
+        let dir = TempDir::new("state-journal");
+        let journal = dir.path().join("journal/events.jsonl");
+        let path = dir.path().join("drone.db");
+        let store = StateStore::open(&path).await.unwrap().with_event_journal(&journal);
+        let spawn = spawn_action("j1", &["sleep", "1"], crate::test_util::far_deadlines());
+        assert!(store.insert_backend(&spawn).await.unwrap());
+        assert!(
+            !store.insert_backend(&spawn).await.unwrap(),
+            "a duplicate spawn is no change"
+        );
+        for status in [BackendStatus::Loading, BackendStatus::HardTerminating] {
+            store
+                .record_event(&spawn.backend_id, &StatusUpdate::new(status))
+                .await
+                .unwrap();
+        }
+        store.close().await;
+        // A restarted drone appends.
+        let store = StateStore::open(&path).await.unwrap().with_event_journal(&journal);
+        let mut update = StatusUpdate::new(BackendStatus::Terminated);
+        update.termination_reason = Some(TerminationReason::Lost);
+        store.record_event(&spawn.backend_id, &update).await.unwrap();
+
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&journal)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let statuses: Vec<&str> = lines.iter().map(|l| l["status"].as_str().unwrap()).collect();
+        assert_eq!(statuses, ["scheduled", "loading", "hard-terminating", "terminated"]);
+        for line in &lines {
+            assert_eq!(line.as_object().unwrap().len(), 3, "{line}");
+            assert_eq!(line["backend_id"], "j1");
+        }
+        let times: Vec<u64> = lines.iter().map(|l| l["time"].as_u64().unwrap()).collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+        assert!(times[0] > 1_600_000_000_000, "epoch ms: {times:?}");
+    }
+
+    #[tokio::test]
+    async fn a_journal_that_cannot_be_written_is_not_fatal() {
+        let dir = TempDir::new("state-journal-bad");
+        // A directory where the file should be: opening it fails, every time.
+        let journal = dir.path().join("journal");
+        std::fs::create_dir_all(&journal).unwrap();
+        let store = StateStore::open(&dir.path().join("drone.db"))
+            .await
+            .unwrap()
+            .with_event_journal(&journal);
+        let spawn = spawn_action("j2", &["sleep", "1"], crate::test_util::far_deadlines());
+        assert!(store.insert_backend(&spawn).await.unwrap());
+        let event = store
+            .record_event(&spawn.backend_id, &StatusUpdate::new(BackendStatus::Loading))
+            .await
+            .unwrap();
+        assert_eq!(store.unacked_events().await.unwrap(), vec![event]);
+    }
+
+    #[tokio::test]
+    async fn a_read_only_store_reads_and_never_writes() {
+        let dir = TempDir::new("state-ro");
+        let path = dir.path().join("drone.db");
+        assert!(
+            StateStore::open_read_only(&path).await.is_err(),
+            "a missing database is not created"
+        );
+        assert!(!path.exists());
+        let store = StateStore::open(&path).await.unwrap();
+        let spawn = spawn_action("ro1", &["sleep", "1"], crate::test_util::far_deadlines());
+        store.insert_backend(&spawn).await.unwrap();
+        // Closed: the WAL is checkpointed and its files removed; it still opens.
+        store.close().await;
+        let reader = StateStore::open_read_only(&path).await.unwrap();
+        assert_eq!(reader.live_backends().await.unwrap().len(), 1);
+        let store = StateStore::open(&path).await.unwrap();
+        assert!(reader
+            .insert_backend(&spawn_action("ro2", &["x"], spawn.deadlines))
+            .await
+            .is_err());
+        // The writer is not blocked by the reader, and the reader sees its changes.
+        let renewed = LeaseDeadlines {
+            renew_at: 1,
+            soft_terminate_at: 2,
+            hard_terminate_at: 3,
+        };
+        store.set_deadlines(&spawn.backend_id, &renewed).await.unwrap();
+        assert_eq!(
+            reader.backend(&spawn.backend_id).await.unwrap().unwrap().deadlines,
+            Some(renewed)
+        );
     }
 
     #[tokio::test]

@@ -653,6 +653,7 @@ fn drone_config(controller: &ScriptedController, dir: &TempDir) -> DroneConfig {
         process: process_config(dir),
         docker: None,
         timings: timings(),
+        event_journal: None,
     }
 }
 

@@ -115,9 +115,14 @@ pub struct TestCluster {
     pub store: SharedStore,
     /// An HTTP client that resolves the cluster's host to the proxy.
     pub http: reqwest::Client,
+    /// Where the drone connects (default: the first controller); set before
+    /// [`TestCluster::start_drone`].
+    pub drone_controller_url: Option<String>,
     controller_addr: SocketAddr,
     controller_name: ControllerName,
     controller: Option<Component>,
+    /// More controllers on the same store (PostgreSQL), from [`TestCluster::add_controller`].
+    extra_controllers: Vec<(String, Option<Component>)>,
     drone: Option<Component>,
     proxy: Option<Component>,
     /// Backends started through [`TestCluster::connect`], killed at shutdown.
@@ -166,9 +171,11 @@ impl TestCluster {
             proxy_addr,
             store,
             http,
+            drone_controller_url: None,
             controller_addr,
             controller_name: ControllerName::new_random(),
             controller: None,
+            extra_controllers: Vec::new(),
             drone: None,
             proxy: None,
             spawned: Default::default(),
@@ -197,7 +204,7 @@ impl TestCluster {
             drone_unhealthy_after: self.options.heartbeat_interval * 10,
             sweep_interval: self.options.sweep_interval,
             route_wait: self.options.route_wait,
-            scheduler_candidates: 2,
+            ..ControllerTimings::default()
         };
         config
     }
@@ -209,8 +216,63 @@ impl TestCluster {
         })
     }
 
+    /// Starts one more controller on the cluster's store (it must be PostgreSQL to be
+    /// shared), with its own name and the same timings; `fanout` replaces the store's
+    /// (to inject faults). Returns its URL.
+    pub async fn add_controller(
+        &mut self,
+        fanout: Option<plane_store::fanout::SharedFanout>,
+    ) -> anyhow::Result<String> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let mut config = self.controller_config();
+        config.name = ControllerName::new_random();
+        config.controller_url = url.clone();
+        if fanout.is_some() {
+            config.fanout = fanout;
+        }
+        let component = Component::spawn(CancellationToken::new(), |s| {
+            plane_controller::serve(listener, config, s)
+        });
+        self.extra_controllers.push((url.clone(), Some(component)));
+        Ok(url)
+    }
+
+    /// Stops a controller started by [`TestCluster::add_controller`].
+    pub async fn stop_added_controller(&mut self, url: &str) -> anyhow::Result<()> {
+        match self.extra_controllers.iter_mut().find(|(u, _)| u == url) {
+            Some((_, c)) => match c.take() {
+                Some(c) => c.stop().await,
+                None => Ok(()),
+            },
+            None => bail!("no added controller at {url}"),
+        }
+    }
+
+    /// Restarts the proxy, connected to `controller_urls` (comma-separated), on the
+    /// same address.
+    pub async fn restart_proxy(&mut self, controller_urls: &str) -> anyhow::Result<()> {
+        if let Some(p) = self.proxy.take() {
+            p.stop().await?;
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let listener = loop {
+            match TcpListener::bind(self.proxy_addr).await {
+                Ok(l) => break l,
+                Err(e) if tokio::time::Instant::now() > deadline => return Err(e.into()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        self.proxy = Some(self.spawn_proxy_to(listener, controller_urls.to_owned()));
+        Ok(())
+    }
+
     fn spawn_proxy(&self, listener: TcpListener) -> Component {
-        let mut config = ProxyConfig::new(self.controller_url.clone(), self.cluster.clone());
+        self.spawn_proxy_to(listener, self.controller_url.clone())
+    }
+
+    fn spawn_proxy_to(&self, listener: TcpListener, controller_urls: String) -> Component {
+        let mut config = ProxyConfig::new(controller_urls, self.cluster.clone());
         config.route_wait = self.options.route_wait;
         config.keepalive_interval = self.options.keepalive_interval;
         config.reconnect_min = Duration::from_millis(20);
@@ -221,7 +283,10 @@ impl TestCluster {
     /// The drone's configuration (its state store and logs live in the cluster's directory).
     pub fn drone_config(&self) -> DroneConfig {
         DroneConfig {
-            controller_url: self.controller_url.clone(),
+            controller_url: self
+                .drone_controller_url
+                .clone()
+                .unwrap_or_else(|| self.controller_url.clone()),
             name: None,
             cluster: self.cluster.clone(),
             pool: String::new(),
@@ -242,6 +307,7 @@ impl TestCluster {
                 renew_retry: Duration::from_millis(100),
                 metrics_interval: Duration::from_millis(500),
             },
+            event_journal: None,
         }
     }
 
@@ -368,20 +434,7 @@ impl TestCluster {
 
     /// Follows the status stream until `status` (or later) is reached; returns that entry.
     pub async fn wait_status(&self, id: &BackendName, status: BackendStatus) -> anyhow::Result<StatusEntry> {
-        let fut = async {
-            let mut stream = self.client.status_stream(id, None).await?;
-            while let Some(entry) = stream.next().await {
-                let entry = entry?;
-                if entry.status >= status {
-                    return Ok(entry);
-                }
-            }
-            bail!("status stream of {id} ended before {status}")
-        };
-        match tokio::time::timeout(WAIT, fut).await {
-            Ok(r) => r,
-            Err(_) => bail!("backend {id} did not reach {status} within {WAIT:?}"),
-        }
+        wait_status_via(&self.client, id, status).await
     }
 
     /// The data directory of this cluster.
@@ -402,12 +455,37 @@ impl TestCluster {
                 self.wait_status(&id, BackendStatus::Terminated).await?;
             }
         }
+        let extra = self.extra_controllers.drain(..).filter_map(|(_, c)| c);
         for c in [self.proxy.take(), self.drone.take(), self.controller.take()]
             .into_iter()
             .flatten()
+            .chain(extra)
         {
             c.stop().await?;
         }
         Ok(())
+    }
+}
+
+/// Follows a backend's status stream on the controller of `client` until it reaches
+/// `status` (or later), within [`WAIT`].
+pub async fn wait_status_via(
+    client: &PlaneClient,
+    id: &BackendName,
+    status: BackendStatus,
+) -> anyhow::Result<StatusEntry> {
+    let fut = async {
+        let mut stream = client.status_stream(id, None).await?;
+        while let Some(entry) = stream.next().await {
+            let entry = entry?;
+            if entry.status >= status {
+                return Ok(entry);
+            }
+        }
+        bail!("status stream of {id} ended before {status}")
+    };
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(r) => r,
+        Err(_) => bail!("backend {id} did not reach {status} within {WAIT:?}"),
     }
 }

@@ -1,9 +1,10 @@
 //! The command line of the `plane` binary: flags (clap derive) and the client commands.
 //!
-//! Server roles (`controller`, `drone`, `proxy`, `dev`) are dispatched to `roles`; the
-//! demo backend to `plane_demo`. Client commands (`connect`, `status`, `terminate`, `drain`,
-//! `cluster-state`, `revoke`) talk to a controller through `plane_client` and are
-//! implemented here. Results go to stdout, errors are returned to `main`.
+//! Server roles (`controller`, `drone`, `drone-watchdog`, `proxy`, `dev`) are dispatched
+//! to `roles`; the demo backend to `plane_demo`. Client commands (`connect`, `status`,
+//! `terminate`, `drain`, `cluster-state`, `revoke`) talk to a controller through
+//! `plane_client` and are implemented here. Results go to stdout, errors are returned to
+//! `main`.
 
 use crate::roles;
 use anyhow::{bail, Context as _};
@@ -58,6 +59,9 @@ enum Command {
     Controller(roles::ControllerArgs),
     /// Run a drone: the agent that runs backends on this machine.
     Drone(Box<roles::DroneArgs>),
+    /// Run a drone's watchdog: kills backends whose key lease ran out while their drone
+    /// was down (`plane drone` starts one unless `--no-watchdog`).
+    DroneWatchdog(roles::WatchdogArgs),
     /// Run a proxy: routes client traffic to backends.
     Proxy(roles::ProxyArgs),
     /// Run a controller, a drone and a proxy in one process, for development.
@@ -70,6 +74,8 @@ enum Command {
     Terminate(TerminateArgs),
     /// Stop scheduling new backends on a drone.
     Drain(DrainArgs),
+    /// Schedule new backends on a draining drone again.
+    Undrain(DrainArgs),
     /// Show the drones and proxies of a cluster.
     ClusterState(ClusterStateArgs),
     /// Revoke a user's connection tokens for a backend.
@@ -88,6 +94,7 @@ impl Command {
             self,
             Command::Controller(_)
                 | Command::Drone(_)
+                | Command::DroneWatchdog(_)
                 | Command::Proxy(_)
                 | Command::Dev(_)
                 | Command::DemoBackend
@@ -235,7 +242,7 @@ struct TerminateArgs {
     hard: bool,
 }
 
-/// Flags of `plane drain`.
+/// Flags of `plane drain` and `plane undrain`.
 #[derive(Debug, Args)]
 struct DrainArgs {
     #[command(flatten)]
@@ -292,6 +299,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Controller(args) => roles::run_controller(args).await,
         Command::Drone(args) => roles::run_drone(*args).await,
+        Command::DroneWatchdog(args) => roles::run_watchdog(args).await,
         Command::Proxy(args) => roles::run_proxy(args).await,
         Command::Dev(args) => roles::run_dev(args).await,
         Command::DemoBackend => plane_demo::run().await,
@@ -315,6 +323,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 say!("drone {} of cluster {} is now draining", args.drone, args.cluster);
             } else {
                 say!("drone {} of cluster {} was already draining", args.drone, args.cluster);
+            }
+            Ok(())
+        }
+        Command::Undrain(args) => {
+            let response = args.client.client(global)?.undrain(&args.cluster, &args.drone).await?;
+            if response.updated {
+                say!(
+                    "drone {} of cluster {} takes new backends again",
+                    args.drone,
+                    args.cluster
+                );
+            } else {
+                say!("drone {} of cluster {} was not draining", args.drone, args.cluster);
             }
             Ok(())
         }
@@ -935,7 +956,7 @@ mod tests {
         assert!(parse(&["revoke", "abc"]).is_err());
         assert!(parse(&["demo-backend"]).is_ok());
         // The roles' own flags belong to `roles`; only check the subcommands exist.
-        for role in ["controller", "drone", "proxy", "dev"] {
+        for role in ["controller", "drone", "drone-watchdog", "proxy", "dev"] {
             let err = parse(&[role, "--help"]).err().expect("--help stops parsing");
             assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp, "{role}");
         }

@@ -5,7 +5,7 @@
 //! any error (printed as `error: …`), 2 for usage errors (clap's convention).
 //!
 //! * `cli`: the flags and the client commands (`connect`, `status`, …).
-//! * `roles`: the server roles (`controller`, `drone`, `proxy`, `dev`).
+//! * `roles`: the server roles (`controller`, `drone`, `drone-watchdog`, `proxy`, `dev`).
 //! * `plane_demo` (its own crate): the bundled demo backend (`demo-backend`).
 
 mod cli;

@@ -43,6 +43,22 @@ pub struct ControllerArgs {
     /// The controller's public URL, used in `status_url` (default: http://<host>:<port>).
     #[arg(long)]
     controller_url: Option<String>,
+    /// The key lease, in milliseconds. Drones renew at half of it; a drone that cannot
+    /// renew stops its backends at 2/3 (soft) and 5/6 (hard); after all of it without
+    /// renewal the key can move to a new backend. Every controller sharing a database
+    /// must use the same value.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(600..))]
+    lease_ms: u64,
+    /// How often idle, lifetime and lost backends are swept, in milliseconds.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..))]
+    sweep_interval_ms: u64,
+    /// A drone without a heartbeat for this long gets no new backends, in milliseconds.
+    #[arg(long, default_value_t = 45_000, value_parser = clap::value_parser!(u64).range(100..))]
+    drone_unhealthy_after_ms: u64,
+    /// How long terminated backends (their status history and tokens) are kept, in
+    /// hours; older ones are deleted in bounded batches every minute.
+    #[arg(long, default_value_t = 168)]
+    retain_terminated_hours: u64,
 }
 
 /// Which runtime a drone uses.
@@ -178,8 +194,42 @@ pub struct DroneArgs {
     /// threshold; tests use short ones).
     #[arg(long, default_value_t = 7000, hide = true)]
     heartbeat_interval_ms: u64,
+    /// Do not start a watchdog. By default the drone starts `plane drone-watchdog` for
+    /// its state store as a detached process (unless one runs already), which kills
+    /// backends whose lease ran out while the drone was down. Use this when the watchdog
+    /// runs as its own service, e.g. when the drone runs in a container whose end would
+    /// take a child watchdog with it.
+    #[arg(long)]
+    no_watchdog: bool,
+    /// Milliseconds the started watchdog waits, with no drone and nothing to watch,
+    /// before it exits (tests use short ones).
+    #[arg(long, hide = true)]
+    watchdog_exit_after_ms: Option<u64>,
+    /// Append each backend status change the drone records to this file, one JSON line
+    /// per change (for fault-injection checks).
+    #[arg(long, hide = true)]
+    event_journal: Option<PathBuf>,
     #[command(flatten)]
     docker: DockerArgs,
+}
+
+/// Flags of `plane drone-watchdog`.
+#[derive(Debug, Args)]
+pub struct WatchdogArgs {
+    /// The state store of the drone to watch (its SQLite file; only read).
+    #[arg(long, default_value = "plane-drone.db")]
+    db: PathBuf,
+    /// The Docker engine of the drone's containers (default: `DOCKER_HOST`, else the
+    /// local socket).
+    #[arg(long)]
+    docker_host: Option<String>,
+    /// Milliseconds between two reads of the state store.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+    poll_interval_ms: u64,
+    /// Exit after this many milliseconds in which no drone ran for the state store and no
+    /// backend it records needed watching.
+    #[arg(long, default_value_t = 60_000)]
+    exit_after_ms: u64,
 }
 
 /// Flags of `plane proxy`.
@@ -315,7 +365,11 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let url = args
         .controller_url
         .unwrap_or_else(|| format!("http://{}", SocketAddr::new(args.host, args.port)));
-    let config = ControllerConfig::new(store, url, args.default_cluster);
+    let mut config = ControllerConfig::new(store, url, args.default_cluster);
+    config.timings.lease = plane_types::lease::LeaseTimings::scaled(Duration::from_millis(args.lease_ms) / 6);
+    config.timings.sweep_interval = Duration::from_millis(args.sweep_interval_ms);
+    config.timings.drone_unhealthy_after = Duration::from_millis(args.drone_unhealthy_after_ms);
+    config.timings.terminated_retention = Duration::from_secs(args.retain_terminated_hours.saturating_mul(3600));
     plane_controller::serve(listener, config, shutdown_on_signal()).await
 }
 
@@ -361,8 +415,56 @@ pub async fn run_drone(args: DroneArgs) -> anyhow::Result<()> {
             heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
             ..DroneTimings::default()
         },
+        event_journal: args.event_journal,
     };
+    // The drone lock comes before the watchdog check (see `plane_drone::watchdog::launch`).
+    let _drone_lock = plane_drone::watchdog::DroneLock::acquire(&config.db_path).await;
+    if args.no_watchdog {
+        tracing::info!("not starting a watchdog (--no-watchdog)");
+    } else {
+        start_watchdog(&config, args.watchdog_exit_after_ms).await;
+    }
     plane_drone::run(config, shutdown_on_signal()).await
+}
+
+/// Starts the drone's watchdog unless one runs. A failure is logged: the drone still
+/// works, only without protection against outliving its leases while it is down.
+async fn start_watchdog(config: &DroneConfig, exit_after_ms: Option<u64>) {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(host) = config.docker.as_ref().and_then(|d| d.docker_host.as_ref()) {
+        args.extend(["--docker-host".into(), host.into()]);
+    }
+    if let Some(ms) = exit_after_ms {
+        args.extend(["--exit-after-ms".into(), ms.to_string().into()]);
+    }
+    let launched = match std::env::current_exe() {
+        Ok(exe) => plane_drone::watchdog::launch(&exe, &config.db_path, &args)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(err) => Err(anyhow::Error::from(err).context("cannot find the plane executable")),
+    };
+    let log = plane_drone::watchdog::watchdog_log_path(&config.db_path);
+    match launched {
+        Ok(plane_drone::watchdog::Launched::Started { pid }) => {
+            tracing::info!(pid, log = %log.display(), "started the watchdog")
+        }
+        Ok(plane_drone::watchdog::Launched::AlreadyRunning { pid }) => {
+            tracing::info!(?pid, "a watchdog runs for this state store already")
+        }
+        Err(err) => tracing::error!(
+            err = format!("{err:#}"),
+            "could not start the watchdog: backends whose lease runs out while this drone is down will keep running"
+        ),
+    }
+}
+
+/// Runs `plane drone-watchdog`.
+pub async fn run_watchdog(args: WatchdogArgs) -> anyhow::Result<()> {
+    let mut config = plane_drone::watchdog::WatchdogConfig::new(args.db);
+    config.docker_host = args.docker_host;
+    config.poll_interval = Duration::from_millis(args.poll_interval_ms);
+    config.exit_after = Duration::from_millis(args.exit_after_ms);
+    plane_drone::watchdog::run(config, shutdown_on_signal()).await
 }
 
 /// Runs `plane proxy`.
@@ -434,6 +536,7 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             soft_terminate_grace: Duration::from_secs(args.soft_terminate_grace_seconds),
             ..DroneTimings::default()
         },
+        event_journal: None,
     };
     let controller_config = ControllerConfig::new(store, controller_url.clone(), Some(cluster.clone()));
     let proxy_config = ProxyConfig::new(controller_url.clone(), cluster.clone());

@@ -14,6 +14,8 @@
 //!   the state store does not know.
 //! * A background task removes old stopped containers and, optionally, images this drone
 //!   pulled (see `cleanup`).
+//! * [`DockerRuntime::connect_passive`] gives a runtime without those background tasks,
+//!   for the watchdog, which only checks (`adopt`) and kills (`signal`) containers.
 //!
 //! Nothing here stops a container when the runtime is dropped or the drone stops:
 //! backends outlive the drone, and a restarted drone adopts them.
@@ -75,6 +77,19 @@ pub struct DockerHandle {
     pub container_id: String,
     /// The container's name, `plane-<backend id>`.
     pub name: String,
+}
+
+impl DockerHandle {
+    /// A handle that names a backend's container by its name, `plane-<backend id>`, for
+    /// a backend whose container id was never recorded (its drone stopped during
+    /// `start`). The engine accepts the name wherever it takes an id.
+    pub fn by_name(backend_id: &BackendName) -> DockerHandle {
+        let name = container::container_name(backend_id);
+        DockerHandle {
+            container_id: name.clone(),
+            name,
+        }
+    }
 }
 
 /// The previous CPU sample of a container, for `cpu_percent`.
@@ -216,6 +231,29 @@ impl DockerRuntime {
         store: Option<StateStore>,
         shutdown: CancellationToken,
     ) -> Result<DockerRuntime, RuntimeError> {
+        DockerRuntime::connect_with(config, drone, store, shutdown, true).await
+    }
+
+    /// Connects like [`DockerRuntime::connect`], but follows no events and cleans
+    /// nothing up: only [`Runtime::adopt`] (is this drone's container for this backend
+    /// running?) and [`Runtime::signal`] are meant to be used; `wait_exit` sees only an
+    /// exit that happened before it was called. For the watchdog, which must not act on
+    /// the drone's containers beyond killing those whose lease ran out.
+    pub async fn connect_passive(
+        config: DockerRuntimeConfig,
+        drone: DroneName,
+        shutdown: CancellationToken,
+    ) -> Result<DockerRuntime, RuntimeError> {
+        DockerRuntime::connect_with(config, drone, None, shutdown, false).await
+    }
+
+    async fn connect_with(
+        config: DockerRuntimeConfig,
+        drone: DroneName,
+        store: Option<StateStore>,
+        shutdown: CancellationToken,
+        background: bool,
+    ) -> Result<DockerRuntime, RuntimeError> {
         let address = engine_address(&config);
         let unreachable =
             |what: String| RuntimeError::Other(format!("the Docker engine at {address} is unreachable: {what}"));
@@ -245,7 +283,7 @@ impl DockerRuntime {
         if clock_offset_ms.abs() > 1000 {
             warn!(clock_offset_ms, "the Docker engine's clock differs from the drone's");
         }
-        if config.prune_images && store.is_none() {
+        if background && config.prune_images && store.is_none() {
             warn!("prune_images is set but there is no state store to record pulls in; nothing will be pruned");
         }
         let version = docker.client_version();
@@ -262,11 +300,13 @@ impl DockerRuntime {
             samples: Mutex::new(HashMap::new()),
         });
         let cancel = shutdown.child_token();
-        // Events from a little before now, in the engine's clock: nothing that happens
-        // after this call is missed, even before the subscription is established.
-        let since_ns = (local_ms + clock_offset_ms - 1000).saturating_mul(1_000_000);
-        tokio::spawn(events::run(inner.clone(), since_ns, cancel.clone()));
-        tokio::spawn(cleanup::run(inner.clone(), cancel.clone()));
+        if background {
+            // Events from a little before now, in the engine's clock: nothing that happens
+            // after this call is missed, even before the subscription is established.
+            let since_ns = (local_ms + clock_offset_ms - 1000).saturating_mul(1_000_000);
+            tokio::spawn(events::run(inner.clone(), since_ns, cancel.clone()));
+            tokio::spawn(cleanup::run(inner.clone(), cancel.clone()));
+        }
         Ok(DockerRuntime { inner, cancel })
     }
 
