@@ -152,57 +152,32 @@ pub fn watchdog_log_path(db: &Path) -> PathBuf {
     sibling(db, ".watchdog.log")
 }
 
-/// `flock(2)`, which `std` offers only from Rust 1.89 on (above this workspace's MSRV).
+/// `flock(2)` locks through `std`: false when another open file holds a conflicting one.
 mod flock {
-    use std::ffi::c_int;
-    use std::fs::File;
+    use std::fs::{File, TryLockError};
     use std::io;
-    use std::os::fd::AsRawFd as _;
 
-    unsafe extern "C" {
-        fn flock(fd: c_int, operation: c_int) -> c_int;
-    }
-
-    const LOCK_SH: c_int = 1;
-    const LOCK_EX: c_int = 2;
-    const LOCK_NB: c_int = 4;
-    const LOCK_UN: c_int = 8;
-
-    fn call(file: &File, operation: c_int) -> io::Result<()> {
-        loop {
-            // SAFETY: flock(2) takes two integers and touches no memory of ours; the
-            // descriptor belongs to `file`, which outlives the call.
-            if unsafe { flock(file.as_raw_fd(), operation) } == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        }
-    }
-
-    fn try_lock(file: &File, operation: c_int) -> io::Result<bool> {
-        match call(file, operation | LOCK_NB) {
+    fn tried(r: Result<(), TryLockError>) -> io::Result<bool> {
+        match r {
             Ok(()) => Ok(true),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(err) => Err(err),
+            Err(TryLockError::WouldBlock) => Ok(false),
+            Err(TryLockError::Error(err)) => Err(err),
         }
     }
 
     /// Takes an exclusive lock; false if another open file holds a lock.
     pub fn try_exclusive(file: &File) -> io::Result<bool> {
-        try_lock(file, LOCK_EX)
+        tried(file.try_lock())
     }
 
     /// Takes a shared lock; false if another open file holds an exclusive one.
     pub fn try_shared(file: &File) -> io::Result<bool> {
-        try_lock(file, LOCK_SH)
+        tried(file.try_lock_shared())
     }
 
     /// Releases the lock this open file holds.
     pub fn unlock(file: &File) -> io::Result<()> {
-        call(file, LOCK_UN)
+        file.unlock()
     }
 }
 

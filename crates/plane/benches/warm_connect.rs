@@ -32,6 +32,7 @@ mod common;
 use anyhow::{bail, ensure, Context};
 use plane_tests::{Options, TestCluster};
 use plane_types::api::ConnectResponse;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -249,30 +250,30 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Starts a cluster on `postgres_url` (or SQLite) and `keys` ready backends on it.
+/// Starts a cluster on `postgres_url` (or SQLite) with `keys` ready backends, then
+/// stops its drone (the backends keep running and keep their keys; see the module docs).
 async fn cluster_with_keys(
     binary: &str,
     postgres_url: Option<String>,
     keys: usize,
     prefix: &str,
-    quiet: bool,
+    sweep_interval: Duration,
 ) -> anyhow::Result<(TestCluster, Vec<Vec<u8>>)> {
     let mut options = Options::new(binary);
-    if quiet {
-        // Nothing periodic touches the store for minutes: only the connects do.
-        options.lease_unit = Duration::from_secs(60);
-        options.heartbeat_interval = Duration::from_secs(60);
-        options.sweep_interval = Duration::from_secs(60);
-        options.keepalive_interval = Duration::from_secs(60);
-    } else {
-        // Production-like, as in cold_start.
-        options.lease_unit = Duration::from_secs(10);
-        options.heartbeat_interval = Duration::from_secs(1);
-        options.sweep_interval = Duration::from_secs(1);
-    }
+    // Key leases of 6 minutes: no renewal is due while the drone is stopped.
+    options.lease_unit = Duration::from_secs(60);
+    options.heartbeat_interval = Duration::from_secs(1);
+    options.sweep_interval = sweep_interval;
+    options.keepalive_interval = Duration::from_secs(1);
     options.postgres_url = postgres_url;
-    let tc = TestCluster::start(options).await?;
-    let requests: Vec<_> = (0..keys).map(|i| tc.demo_request(&format!("{prefix}-{i}"))).collect();
+    let mut tc = TestCluster::start(options).await?;
+    let executable = serde_json::json!({
+        "command": ["plane", "demo-backend"],
+        "env": { RUN_MARKER: std::process::id().to_string() },
+    });
+    let requests: Vec<_> = (0..keys)
+        .map(|i| tc.executable_request(&format!("{prefix}-{i}"), executable.clone()))
+        .collect();
     // A few at a time: the drone starts them in parallel.
     for chunk in requests.chunks(16) {
         let started = futures_util::future::try_join_all(chunk.iter().map(|r| tc.connect_ready(r)))
@@ -280,8 +281,16 @@ async fn cluster_with_keys(
             .with_context(|| format!("starting the backends of the {prefix} cluster"))?;
         ensure!(started.iter().all(|r| r.spawned), "a key was already held");
     }
+    tc.stop_drone().await?;
     let bodies = requests.iter().map(serde_json::to_vec).collect::<Result<Vec<_>, _>>()?;
     Ok((tc, bodies))
+}
+
+/// Starts the drone again (it re-adopts its backends), then stops the backends and the
+/// cluster.
+async fn shut_down(mut tc: TestCluster) -> anyhow::Result<()> {
+    tc.start_drone().await?;
+    tc.shutdown().await
 }
 
 fn clients(concurrency: usize) -> anyhow::Result<Vec<reqwest::Client>> {
@@ -440,14 +449,13 @@ async fn relay(listener: TcpListener, upstream: SocketAddr, wire: Arc<Wire>) {
 struct DbStats {
     xacts: i64,
     inserted: i64,
-    returned: i64,
 }
 
 async fn db_stats(monitor: &mut sqlx::PgConnection, database: &str) -> anyhow::Result<DbStats> {
     use sqlx::Row;
     let row = sqlx::query(
-        "SELECT (xact_commit + xact_rollback)::int8 AS xacts, tup_inserted::int8 AS inserted, \
-         tup_returned::int8 AS returned FROM pg_stat_database WHERE datname = $1",
+        "SELECT (xact_commit + xact_rollback)::int8 AS xacts, tup_inserted::int8 AS inserted \
+         FROM pg_stat_database WHERE datname = $1",
     )
     .bind(database)
     .fetch_one(&mut *monitor)
@@ -455,19 +463,42 @@ async fn db_stats(monitor: &mut sqlx::PgConnection, database: &str) -> anyhow::R
     Ok(DbStats {
         xacts: row.try_get("xacts")?,
         inserted: row.try_get("inserted")?,
-        returned: row.try_get("returned")?,
     })
 }
 
-/// The quiet cluster whose store goes through the counting relay.
+/// Calls per statement (`pg_stat_statements`, by query id) in one database.
+type Statements = HashMap<i64, (String, i64)>;
+
+async fn statements(monitor: &mut sqlx::PgConnection, database: &str) -> anyhow::Result<Statements> {
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT COALESCE(queryid, 0)::int8 AS id, query, calls::int8 AS calls FROM pg_stat_statements \
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1)",
+    )
+    .bind(database)
+    .fetch_all(&mut *monitor)
+    .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("id")?, (r.try_get("query")?, r.try_get("calls")?))))
+        .collect()
+}
+
+/// The quiet cluster whose store goes through the counting relay, on a private server
+/// with `pg_stat_statements`.
 struct Counting {
     tc: TestCluster,
     database: String,
     bodies: Arc<Vec<Vec<u8>>>,
+    clients: Vec<reqwest::Client>,
     wire: Arc<Wire>,
     relay: tokio::task::JoinHandle<()>,
+    monitor: sqlx::PgConnection,
     /// When the store was last used by anything but the background.
     last_activity: Instant,
+    /// The relay's counts when the store became idle.
+    idle_since: (Instant, WireCounts),
+    /// The private server, stopped and deleted on drop.
+    _server: plane_test_postgres::TestPostgres,
 }
 
 /// What one counting window measured.
@@ -477,6 +508,7 @@ struct Counted {
     background: WireCounts,
     background_secs: f64,
     window_secs: f64,
+    statements: Vec<(String, i64)>,
     stats_before: DbStats,
 }
 
@@ -571,42 +603,49 @@ fn print_counted(c: &Counted, after: &DbStats) {
     let scale = c.window_secs / c.background_secs;
     let net = |v: u64, bg: u64| (v as f64 - bg as f64 * scale) / n;
     println!(
-        "\nstore round trips per warm connect, PostgreSQL (counting relay, n = {})",
-        c.connects
+        "\nstore round trips per warm connect, PostgreSQL (n = {} connects in {:.2} s)",
+        c.connects, c.window_secs
     );
+    println!("wire protocol, counted by the relay, minus the background:");
+    let rows: [(&str, u64, u64); 8] = [
+        (
+            "round trips (server ReadyForQuery)",
+            w.down(b'Z'),
+            c.background.down(b'Z'),
+        ),
+        ("  Sync", w.up(b'S'), c.background.up(b'S')),
+        ("  simple Query", w.up(b'Q'), c.background.up(b'Q')),
+        ("  Bind", w.up(b'B'), c.background.up(b'B')),
+        ("  Execute", w.up(b'E'), c.background.up(b'E')),
+        ("  Parse (statement cache misses)", w.up(b'P'), c.background.up(b'P')),
+        ("  new connections", w.up(0), c.background.up(0)),
+        ("  client messages in all", w.total_up(), c.background.total_up()),
+    ];
+    for (name, v, bg) in rows {
+        println!("  {name:<40} {:>8.3}", net(v, bg));
+    }
     println!(
-        "{:<40} {:.3}",
-        "round trips (server ReadyForQuery)",
-        net(w.down(b'Z'), c.background.down(b'Z'))
-    );
-    println!("{:<40} {:.3}", "  Sync", net(w.up(b'S'), c.background.up(b'S')));
-    println!("{:<40} {:.3}", "  simple Query", net(w.up(b'Q'), c.background.up(b'Q')));
-    println!("{:<40} {:.3}", "  Bind", net(w.up(b'B'), c.background.up(b'B')));
-    println!("{:<40} {:.3}", "  Execute", net(w.up(b'E'), c.background.up(b'E')));
-    println!(
-        "{:<40} {:.3}",
-        "  Parse (statement cache misses)",
-        net(w.up(b'P'), c.background.up(b'P'))
-    );
-    println!("{:<40} {:.3}", "  new connections", net(w.up(0), c.background.up(0)));
-    println!(
-        "{:<40} {:.3}",
-        "  client messages in all",
-        net(w.total_up(), c.background.total_up())
-    );
-    println!(
-        "{:<40} {} client messages in {:.1} s idle (scaled x{scale:.2})",
-        "  background",
+        "  {:<40} {} round trips, {} client messages in {:.1} s idle",
+        "background (subtracted, scaled)",
+        c.background.down(b'Z'),
         c.background.total_up(),
         c.background_secs
     );
+    println!("statements (pg_stat_statements calls per connect, background included):");
+    for (query, calls) in &c.statements {
+        let query: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
+        let query = if query.chars().count() > 90 {
+            format!("{}…", query.chars().take(90).collect::<String>())
+        } else {
+            query
+        };
+        println!("  {:>8.3}  {query}", *calls as f64 / n);
+    }
     let b = &c.stats_before;
     println!(
-        "{:<40} xacts {:.3}, tup_inserted {:.3}, tup_returned {:.3}",
-        "pg_stat_database delta per connect",
+        "pg_stat_database per connect (background included): xact_commit + xact_rollback {:.3}, tup_inserted {:.3}",
         (after.xacts - b.xacts) as f64 / n,
         (after.inserted - b.inserted) as f64 / n,
-        (after.returned - b.returned) as f64 / n,
     );
 }
 
@@ -643,7 +682,36 @@ async fn main() -> anyhow::Result<()> {
     let result = run(loadgen_rt.handle().clone(), config).await;
     // A runtime cannot be dropped (blocking) inside another one.
     loadgen_rt.shutdown_background();
+    // Backends outlive their drone: after a failure, stop those this run started.
+    let left = kill_leftover_backends();
+    if left > 0 {
+        eprintln!("killed {left} backend processes left over by this run");
+    }
     result
+}
+
+/// The environment variable that marks the backends of this run (its value: our pid).
+const RUN_MARKER: &str = "PLANE_BENCH_WARM_CONNECT_RUN";
+
+/// SIGKILLs, by pid, every process whose environment carries this run's marker.
+fn kill_leftover_backends() -> usize {
+    let marker = format!("{RUN_MARKER}={}", std::process::id());
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
+            let status = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            killed += usize::from(status.is_ok_and(|s| s.success()));
+        }
+    }
+    killed
 }
 
 struct Config {
@@ -666,10 +734,10 @@ async fn run(loadgen: tokio::runtime::Handle, config: Config) -> anyhow::Result<
         flush_wait,
         slice,
     } = config;
+    let mut counting = counting_cluster(&loadgen, binary, concurrency).await?;
 
-    // Two databases on one throwaway server: the measured cluster's, and the counting one's.
-    let pg = plane_test_postgres::TestPostgres::database()?;
-    let pg_count = pg.another_database()?;
+    // The measured clusters; their PostgreSQL is the server shared by this binary.
+    let pg = tokio::task::block_in_place(plane_test_postgres::TestPostgres::database)?;
     let postmaster = std::fs::read_to_string(
         pg.log_path()
             .parent()
@@ -679,42 +747,9 @@ async fn run(loadgen: tokio::runtime::Handle, config: Config) -> anyhow::Result<
     .lines()
     .next()
     .and_then(|l| l.trim().parse::<u32>().ok());
-    let mut monitor: sqlx::PgConnection = sqlx::Connection::connect(&format!(
-        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-        pg.port()
-    ))
-    .await?;
-
-    // The quiet counting cluster, through the relay, first: its statistics must settle.
-    let wire = Arc::new(Wire::new());
-    let relay_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let relay_url = format!(
-        "postgres://postgres@{}/{}?sslmode=disable",
-        relay_listener.local_addr()?,
-        pg_count.database_name()
-    );
-    let relay_task = tokio::spawn(relay(
-        relay_listener,
-        SocketAddr::from(([127, 0, 0, 1], pg.port())),
-        wire.clone(),
-    ));
-    let (count_tc, count_bodies) = cluster_with_keys(binary, Some(relay_url), 10, "count", true).await?;
-    let count_bodies = Arc::new(count_bodies);
-    let count_clients = clients(concurrency)?;
-    // Warm every pooled store connection's statement cache.
-    connects(&loadgen, &count_clients, &count_tc.controller_url, &count_bodies, 500).await?;
-    let mut counting = Counting {
-        database: pg_count.database_name().to_owned(),
-        tc: count_tc,
-        bodies: count_bodies,
-        wire,
-        relay: relay_task,
-        last_activity: Instant::now(),
-    };
-    let idle_since = (Instant::now(), counting.wire.snapshot());
-
-    let (sqlite_tc, sqlite_bodies) = cluster_with_keys(binary, None, keys, "sqlite", false).await?;
-    let (pg_tc, pg_bodies) = cluster_with_keys(binary, Some(pg.url()), keys, "postgres", false).await?;
+    let sweep = Duration::from_secs(1);
+    let (sqlite_tc, sqlite_bodies) = cluster_with_keys(binary, None, keys, "sqlite", sweep).await?;
+    let (pg_tc, pg_bodies) = cluster_with_keys(binary, Some(pg.url()), keys, "postgres", sweep).await?;
     let targets = [
         Target {
             store: "SQLite",
@@ -751,24 +786,14 @@ async fn run(loadgen: tokio::runtime::Handle, config: Config) -> anyhow::Result<
             }
         }
         if round == 0 {
-            counted = Some(
-                count_round_trips(
-                    &loadgen,
-                    &mut counting,
-                    &count_clients,
-                    idle_since,
-                    count_connects,
-                    flush_wait,
-                    &mut monitor,
-                )
-                .await?,
-            );
+            // Between rounds, so that the statistics' flush wait overlaps with a round.
+            counted = Some(count_round_trips(&loadgen, &mut counting, count_connects, flush_wait).await?);
         }
     }
-    let counted = counted.expect("counted in the first round");
+    let counted = counted.expect("counted after the first round");
 
     println!(
-        "\nwarm connect throughput: {rounds} round(s) of {:.1} s per series",
+        "\nwarm connect throughput: {rounds} round(s) of {:.1} s per series, interleaved",
         slice.as_secs_f64()
     );
     for (t, res) in targets.iter().zip(&results) {
@@ -776,7 +801,7 @@ async fn run(loadgen: tokio::runtime::Handle, config: Config) -> anyhow::Result<
     }
     let pg_connect = results[1][2].1.rate();
     println!(
-        "\n{:<40} {:.0} warm connects/s on PostgreSQL (target 2000: {})",
+        "\n{:<30} {:.0} warm connects/s on PostgreSQL (target 2000: {})",
         "target",
         pg_connect,
         if pg_connect >= 2000.0 { "met" } else { "missed" }
@@ -785,44 +810,113 @@ async fn run(loadgen: tokio::runtime::Handle, config: Config) -> anyhow::Result<
     // The statistics of the counting window, once every backend has flushed them.
     let settle = (counting.last_activity + flush_wait).saturating_duration_since(Instant::now());
     tokio::time::sleep(settle).await;
-    let after = db_stats(&mut monitor, &counting.database).await?;
+    let after = db_stats(&mut counting.monitor, &counting.database).await?;
     print_counted(&counted, &after);
 
-    counting.relay.abort();
-    for tc in [counting.tc, sqlite_tc, pg_tc] {
-        tc.shutdown().await?;
+    for tc in [sqlite_tc, pg_tc, counting.tc] {
+        shut_down(tc).await?;
     }
+    counting.relay.abort();
     Ok(())
 }
 
+/// The counting cluster: a private PostgreSQL server with `pg_stat_statements`, reached
+/// through the relay; 10 ready keys, warm statement caches, and its drone stopped.
+async fn counting_cluster(
+    loadgen: &tokio::runtime::Handle,
+    binary: &str,
+    concurrency: usize,
+) -> anyhow::Result<Counting> {
+    use sqlx::Connection;
+    let pg = tokio::task::block_in_place(plane_test_postgres::TestPostgres::start)?;
+    let admin = format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", pg.port());
+    let mut monitor = sqlx::PgConnection::connect(&admin).await?;
+    sqlx::raw_sql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        .execute(&mut monitor)
+        .await?;
+    monitor.close().await?;
+    tokio::task::block_in_place(|| pg.restart())?;
+    let mut monitor = sqlx::PgConnection::connect(&admin).await?;
+    sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&mut monitor)
+        .await?;
+
+    let wire = Arc::new(Wire::new());
+    let relay_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let relay_url = format!(
+        "postgres://postgres@{}/{}?sslmode=disable",
+        relay_listener.local_addr()?,
+        pg.database_name()
+    );
+    let relay = tokio::spawn(relay(
+        relay_listener,
+        SocketAddr::from(([127, 0, 0, 1], pg.port())),
+        wire.clone(),
+    ));
+    let (tc, bodies) = cluster_with_keys(binary, Some(relay_url), 10, "count", Duration::from_secs(600)).await?;
+    let bodies = Arc::new(bodies);
+    let clients = clients(concurrency)?;
+    // Warm every pooled store connection's statement cache.
+    connects(loadgen, &clients, &tc.controller_url, &bodies, 500).await?;
+    let idle_since = (Instant::now(), wire.snapshot());
+    Ok(Counting {
+        database: pg.database_name().to_owned(),
+        tc,
+        bodies,
+        clients,
+        wire,
+        relay,
+        monitor,
+        last_activity: Instant::now(),
+        idle_since,
+        _server: pg,
+    })
+}
+
 /// Waits until the counting store has been idle for `flush_wait`, then counts the
-/// protocol messages and statistics of `n` warm connects.
+/// protocol messages, statements and statistics of `n` warm connects.
 async fn count_round_trips(
     loadgen: &tokio::runtime::Handle,
     counting: &mut Counting,
-    clients: &[reqwest::Client],
-    idle_since: (Instant, WireCounts),
     n: usize,
     flush_wait: Duration,
-    monitor: &mut sqlx::PgConnection,
 ) -> anyhow::Result<Counted> {
     let settle = (counting.last_activity + flush_wait).saturating_duration_since(Instant::now());
     tokio::time::sleep(settle).await;
-    let stats_before = db_stats(monitor, &counting.database).await?;
+    let stats_before = db_stats(&mut counting.monitor, &counting.database).await?;
+    let statements_before = statements(&mut counting.monitor, &counting.database).await?;
     let before = counting.wire.snapshot();
-    let background = before.since(&idle_since.1);
-    let background_secs = idle_since.0.elapsed().as_secs_f64();
+    let background = before.since(&counting.idle_since.1);
+    let background_secs = counting.idle_since.0.elapsed().as_secs_f64();
     let start = Instant::now();
-    connects(loadgen, clients, &counting.tc.controller_url, &counting.bodies, n).await?;
+    connects(
+        loadgen,
+        &counting.clients,
+        &counting.tc.controller_url,
+        &counting.bodies,
+        n,
+    )
+    .await?;
     let window_secs = start.elapsed().as_secs_f64();
     let wire = counting.wire.snapshot().since(&before);
+    let statements_after = statements(&mut counting.monitor, &counting.database).await?;
     counting.last_activity = Instant::now();
+    let mut statements: Vec<(String, i64)> = statements_after
+        .iter()
+        .map(|(id, (query, calls))| {
+            let before = statements_before.get(id).map(|(_, c)| *c).unwrap_or(0);
+            (query.clone(), calls - before)
+        })
+        .filter(|(_, calls)| *calls > 0)
+        .collect();
+    statements.sort_by(|a, b| b.1.cmp(&a.1));
     Ok(Counted {
         connects: n as u64,
         wire,
         background,
         background_secs,
         window_secs,
+        statements,
         stats_before,
     })
 }

@@ -420,8 +420,10 @@ async fn a_drone_killed_with_sigkill_readopts_its_containers() {
     let dir = tempfile::tempdir().unwrap();
     let mut options = Options::new(PLANE);
     options.drone = false;
-    // Renew at 3 s, expire at 6 s: the drone is down for well under that.
-    options.lease_unit = Duration::from_secs(1);
+    // Renew at 6 s, soft-terminate at 8 s, expire at 12 s: the drone is down for well
+    // under the 2 s between the latest renewal and the soft deadline, even when the
+    // docker commands below are slow on a loaded machine.
+    options.lease_unit = Duration::from_secs(2);
     let tc = TestCluster::start(options).await.unwrap();
     let name: DroneName = format!("dr-restart-{}", std::process::id()).parse().unwrap();
     let _containers = RemoveContainers(name.to_string());
@@ -438,6 +440,7 @@ async fn a_drone_killed_with_sigkill_readopts_its_containers() {
     let tokens_before = key_fencing_token(&tc, &kept.backend_id).await;
 
     // SIGKILL: no shutdown path runs.
+    let killed_at = Instant::now();
     drone.0.kill().unwrap();
     drone.0.wait().unwrap();
     // While it is down, one backend stops, and a Plane container it never knew appears.
@@ -471,8 +474,9 @@ async fn a_drone_killed_with_sigkill_readopts_its_containers() {
     .await;
 
     // The others keep running and renewing, well past the lease expiry (the controller
-    // would report them lost once it passed unrenewed).
-    let until = Instant::now() + Duration::from_secs(8);
+    // would report them lost once it passed unrenewed: 12 s after the last renewal
+    // before the kill).
+    let until = killed_at + Duration::from_secs(13);
     while Instant::now() < until {
         for b in [&kept, &also_kept] {
             let status = tc.client.status(&b.backend_id).await.unwrap();
