@@ -315,31 +315,33 @@ async fn revoke(State(c): AppState, ApiJson(req): ApiJson<RevokeRequest>) -> Res
     Ok(Json("revoked".to_owned()))
 }
 
-async fn drain(
-    State(c): AppState,
-    ApiPath((cluster, drone)): ApiPath<(String, String)>,
-) -> Result<Json<DrainResponse>, HttpError> {
-    let cluster = path_cluster(&cluster)?;
-    let drone: DroneName = path_name("drone name", &drone)?;
-    match c.store().drain_drone(&cluster, &drone).await? {
-        Some(updated) => {
-            tracing::info!(%drone, updated, "drone draining");
-            Ok(Json(DrainResponse { updated }))
-        }
-        None => Err(HttpError::not_found(format!("no drone {drone} in cluster {cluster}"))),
-    }
+async fn drain(State(c): AppState, ApiPath(path): ApiPath<(String, String)>) -> Result<Json<DrainResponse>, HttpError> {
+    set_draining(&c, path, true).await
 }
 
 /// Not in Plane 0.5: makes a draining drone schedulable again.
 async fn undrain(
     State(c): AppState,
-    ApiPath((cluster, drone)): ApiPath<(String, String)>,
+    ApiPath(path): ApiPath<(String, String)>,
+) -> Result<Json<DrainResponse>, HttpError> {
+    set_draining(&c, path, false).await
+}
+
+async fn set_draining(
+    c: &Controller,
+    (cluster, drone): (String, String),
+    draining: bool,
 ) -> Result<Json<DrainResponse>, HttpError> {
     let cluster = path_cluster(&cluster)?;
     let drone: DroneName = path_name("drone name", &drone)?;
-    match c.store().undrain_drone(&cluster, &drone).await? {
+    let updated = if draining {
+        c.store().drain_drone(&cluster, &drone).await?
+    } else {
+        c.store().undrain_drone(&cluster, &drone).await?
+    };
+    match updated {
         Some(updated) => {
-            tracing::info!(%drone, updated, "drone no longer draining");
+            tracing::info!(%drone, draining, updated, "drone drain state");
             Ok(Json(DrainResponse { updated }))
         }
         None => Err(HttpError::not_found(format!("no drone {drone} in cluster {cluster}"))),

@@ -369,33 +369,21 @@ impl PostgresStore {
         Ok(CreateOutcome::Created { fencing_token })
     }
 
-    async fn drain_drone_tx(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>> {
-        // The update re-checks `NOT draining` on the latest row, so of two concurrent
-        // drains exactly one reports that it started draining.
-        let started = sqlx::query("UPDATE drone SET draining = TRUE WHERE name = $1 AND cluster = $2 AND NOT draining")
+    /// Sets a drone's `draining` flag. The update re-checks the flag on the latest row,
+    /// so of two concurrent calls exactly one reports a change.
+    async fn set_draining_tx(
+        &self,
+        cluster: &ClusterName,
+        name: &DroneName,
+        draining: bool,
+    ) -> StoreResult<Option<bool>> {
+        let changed = sqlx::query("UPDATE drone SET draining = $3 WHERE name = $1 AND cluster = $2 AND draining <> $3")
             .bind(name.as_str())
             .bind(cluster.as_str())
+            .bind(draining)
             .execute(&self.pool)
             .await?;
-        if started.rows_affected() == 1 {
-            return Ok(Some(true));
-        }
-        let known = sqlx::query("SELECT 1 FROM drone WHERE name = $1 AND cluster = $2")
-            .bind(name.as_str())
-            .bind(cluster.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(known.map(|_| false))
-    }
-
-    async fn undrain_drone_tx(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>> {
-        // As in `drain_drone_tx`: the update re-checks `draining` on the latest row.
-        let stopped = sqlx::query("UPDATE drone SET draining = FALSE WHERE name = $1 AND cluster = $2 AND draining")
-            .bind(name.as_str())
-            .bind(cluster.as_str())
-            .execute(&self.pool)
-            .await?;
-        if stopped.rows_affected() == 1 {
+        if changed.rows_affected() == 1 {
             return Ok(Some(true));
         }
         let known = sqlx::query("SELECT 1 FROM drone WHERE name = $1 AND cluster = $2")
@@ -731,11 +719,12 @@ impl Store for PostgresStore {
     }
 
     async fn drain_drone(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>> {
-        self.bounded("drain_drone", self.drain_drone_tx(cluster, name)).await
+        self.bounded("drain_drone", self.set_draining_tx(cluster, name, true))
+            .await
     }
 
     async fn undrain_drone(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>> {
-        self.bounded("undrain_drone", self.undrain_drone_tx(cluster, name))
+        self.bounded("undrain_drone", self.set_draining_tx(cluster, name, false))
             .await
     }
 

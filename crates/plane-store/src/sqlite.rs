@@ -45,6 +45,27 @@ fn age(then: i64) -> Duration {
 }
 
 impl SqliteStore {
+    /// Sets a drone's `draining` flag. One statement decides, so of two concurrent
+    /// calls only one reports a change.
+    async fn set_draining(&self, cluster: &ClusterName, name: &DroneName, draining: bool) -> StoreResult<Option<bool>> {
+        let updated = sqlx::query("UPDATE drone SET draining = ?3 WHERE name = ?1 AND cluster = ?2 AND draining <> ?3")
+            .bind(name.as_str())
+            .bind(cluster.as_str())
+            .bind(draining)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if updated > 0 {
+            return Ok(Some(true));
+        }
+        let exists = sqlx::query("SELECT 1 FROM drone WHERE name = ?1 AND cluster = ?2")
+            .bind(name.as_str())
+            .bind(cluster.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(exists.map(|_| false))
+    }
+
     /// Opens (creating if needed) the database at `path` and runs migrations.
     pub async fn open(path: &Path) -> StoreResult<SqliteStore> {
         if let Some(dir) = path.parent() {
@@ -213,41 +234,11 @@ impl Store for SqliteStore {
     }
 
     async fn drain_drone(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>> {
-        // One statement decides, so two concurrent drains cannot both report a change.
-        let updated = sqlx::query("UPDATE drone SET draining = 1 WHERE name = ?1 AND cluster = ?2 AND draining = 0")
-            .bind(name.as_str())
-            .bind(cluster.as_str())
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        if updated > 0 {
-            return Ok(Some(true));
-        }
-        let exists = sqlx::query("SELECT 1 FROM drone WHERE name = ?1 AND cluster = ?2")
-            .bind(name.as_str())
-            .bind(cluster.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(exists.map(|_| false))
+        self.set_draining(cluster, name, true).await
     }
 
     async fn undrain_drone(&self, cluster: &ClusterName, name: &DroneName) -> StoreResult<Option<bool>> {
-        // One statement decides, as in `drain_drone`.
-        let updated = sqlx::query("UPDATE drone SET draining = 0 WHERE name = ?1 AND cluster = ?2 AND draining <> 0")
-            .bind(name.as_str())
-            .bind(cluster.as_str())
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        if updated > 0 {
-            return Ok(Some(true));
-        }
-        let exists = sqlx::query("SELECT 1 FROM drone WHERE name = ?1 AND cluster = ?2")
-            .bind(name.as_str())
-            .bind(cluster.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(exists.map(|_| false))
+        self.set_draining(cluster, name, false).await
     }
 
     async fn drones(&self, cluster: &ClusterName) -> StoreResult<Vec<DroneRecord>> {

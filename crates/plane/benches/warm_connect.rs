@@ -3,23 +3,33 @@
 //!
 //! * **warm connect:** `POST /ctrl/connect` for a key whose backend is already `ready`,
 //!   so the controller only looks up the key holder and issues a token;
-//! * **baselines:** `GET /pub/health` (one trivial store statement, the cheapest route
-//!   that exists) and `GET /pub/no-such-route` (a 404 from the router: no store at all,
-//!   the floor of HTTP plus axum on this machine).
+//! * **baselines:** `GET /pub/health` (one trivial store statement: the cheapest route
+//!   that exists) and `GET /pub/no-such-route` (a 404 from the router, no store at all:
+//!   the floor of HTTP and axum on this machine).
+//!
+//! Each cluster gets `K` keys whose backends are started and ready first; then its drone
+//! is stopped. The backends keep running and keep their keys (leases of 6 minutes, no
+//! renewal due during the run), so the warm path is unchanged, but the drone's periodic
+//! work (per-backend metrics, heartbeats, renewals) no longer competes for the two cores
+//! with the controller. Each drone is started again at the end, re-adopts its backends,
+//! and the cluster's shutdown stops them.
 //!
 //! `C` load-generator tasks (one kept-alive HTTP/1.1 connection each) run on a runtime of
 //! their own (threads named `loadgen`), so the CPU time of the load generator, of the
-//! rest of the process (controller, drone, proxy) and of the PostgreSQL server can be
-//! told apart, per request. The series run in rounds, interleaved: every round runs
-//! every route on every store.
+//! rest of this process (controller, proxy, SQLite) and of the PostgreSQL server (all
+//! children of its postmaster) is told apart, per request. The series run in rounds,
+//! interleaved: every round runs every route on every store.
 //!
 //! **Store round trips per warm connect** are measured on a third, quiet cluster (no
-//! sweeps, heartbeats or renewals during the measurement) whose store reaches its own
-//! database through a TCP relay in this process. The relay parses the PostgreSQL wire
-//! protocol and counts the client's messages by type and the server's `ReadyForQuery`
-//! answers (one per round trip the client waits for). `pg_stat_database` (`xact_commit
-//! + xact_rollback`, `tup_inserted`) is read before and after the same connects, after a
-//! wait long enough for every server backend to have flushed its statistics.
+//! sweep, no drone during the measurement) on a private PostgreSQL server with
+//! `pg_stat_statements`, whose store reaches its database through a TCP relay in this
+//! process:
+//! * the relay parses the wire protocol and counts the client's messages by type and the
+//!   server's `ReadyForQuery` answers, one per round trip the client waits for; the
+//!   background (the controller's fan-out pings) is measured while idle and subtracted;
+//! * `pg_stat_statements` gives the calls of each statement;
+//! * `pg_stat_database` gives `xact_commit + xact_rollback` and `tup_inserted`, read
+//!   after a wait long enough for every server backend to have flushed its statistics.
 //!
 //! Run: `cargo bench -p plane --bench warm_connect` (`PLANE_BENCH_CONCURRENCY`, default
 //! 32; `PLANE_BENCH_KEYS`, default 100; `PLANE_BENCH_SECONDS` per series, default 4, split
@@ -229,7 +239,12 @@ async fn run_series(
                     Route::Connect => status == 200 && contains(&body, b"\"spawned\":false"),
                 };
                 if !ok {
-                    bail!("{}: {status} {}", route.label(), String::from_utf8_lossy(&body));
+                    bail!(
+                        "{} (worker {worker}, request {}): {status} {}",
+                        route.label(),
+                        latencies.len(),
+                        String::from_utf8_lossy(&body)
+                    );
                 }
                 latencies.push(t.elapsed().as_secs_f64() * 1000.0);
                 key += concurrency;
@@ -601,7 +616,15 @@ fn print_counted(c: &Counted, after: &DbStats) {
     let w = &c.wire;
     // Subtract the background seen in the idle window, scaled to the counting window.
     let scale = c.window_secs / c.background_secs;
-    let net = |v: u64, bg: u64| (v as f64 - bg as f64 * scale) / n;
+    let net = |v: u64, bg: u64| {
+        let per = (v as f64 - bg as f64 * scale) / n;
+        // Not "-0.000" when the background estimate overshoots a little.
+        if per.abs() < 0.0005 {
+            0.0
+        } else {
+            per
+        }
+    };
     println!(
         "\nstore round trips per warm connect, PostgreSQL (n = {} connects in {:.2} s)",
         c.connects, c.window_secs
@@ -909,7 +932,7 @@ async fn count_round_trips(
         })
         .filter(|(_, calls)| *calls > 0)
         .collect();
-    statements.sort_by(|a, b| b.1.cmp(&a.1));
+    statements.sort_by_key(|(_, calls)| std::cmp::Reverse(*calls));
     Ok(Counted {
         connects: n as u64,
         wire,

@@ -623,7 +623,7 @@ async fn revoked_tokens_stop_routing_at_once() {
 }
 
 #[tokio::test]
-async fn draining_drone_takes_no_new_backends() {
+async fn draining_drone_takes_no_new_backends_until_undrained() {
     let tc = cluster().await;
     let running = tc.connect_ready(&tc.demo_request("before-drain")).await.unwrap();
     let drone = running.drone.clone().unwrap();
@@ -646,6 +646,13 @@ async fn draining_drone_takes_no_new_backends() {
             .status(),
         200
     );
+    // Undrained, it takes new backends again; a second undrain changes nothing.
+    assert!(tc.client.undrain(&tc.cluster, &drone).await.unwrap().updated);
+    assert!(!tc.client.undrain(&tc.cluster, &drone).await.unwrap().updated);
+    tc.connect_ready(&tc.demo_request("after-undrain")).await.unwrap();
+    let unknown: plane_types::names::DroneName = "dr-nobody".parse().unwrap();
+    let err = tc.client.undrain(&tc.cluster, &unknown).await.unwrap_err();
+    assert_eq!(api_kind(&err).map(|k| k.0), Some(404), "{err}");
     tc.shutdown().await.unwrap();
 }
 
