@@ -291,8 +291,21 @@ async fn terminate(c: &Controller, backend: &str, kind: TerminationKind) -> Resu
         tracing::info!(backend_id = %id, ?kind, "termination requested");
         // Not connected: re-sent when the drone reconnects (the request is recorded).
         c.terminate_on(&drone, id, kind, reason);
+        flushed(c).await?;
     }
     Ok(Json(()))
+}
+
+/// Fails the request (the change is recorded; a retry tells the other controllers again)
+/// if the notices to the other controllers are not getting through.
+async fn flushed(c: &Controller) -> Result<(), HttpError> {
+    if c.flush_peers().await {
+        Ok(())
+    } else {
+        Err(HttpError::from(plane_store::StoreError::Database(
+            "recorded, but the other controllers could not be told yet; retry".into(),
+        )))
+    }
 }
 
 async fn soft_terminate(State(c): AppState, ApiPath(backend): ApiPath<String>) -> Result<Json<()>, HttpError> {
@@ -312,6 +325,7 @@ async fn revoke(State(c): AppState, ApiJson(req): ApiJson<RevokeRequest>) -> Res
     for token in tokens {
         c.to_proxies(None, ControllerToProxy::TokenRevoked { token });
     }
+    flushed(&c).await?;
     Ok(Json("revoked".to_owned()))
 }
 

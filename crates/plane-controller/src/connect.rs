@@ -119,11 +119,17 @@ impl Controller {
             match self.store().create_backend(&new).await? {
                 CreateOutcome::Created { fencing_token } => {
                     tracing::info!(backend_id = %id, drone = %drone.name, key = %key.name, fencing_token, "backend scheduled");
-                    match drone_now {
-                        Some(now) => self.dispatch_spawn(&new, fencing_token, now),
-                        None => self.spawn_elsewhere(&drone.name, &id),
+                    if let Some(now) = drone_now {
+                        self.dispatch_spawn(&new, fencing_token, now);
                     }
+                    // The others too, even when the drone is connected here: this
+                    // connection may be a dead one the drone has left. Its controller
+                    // renews and sends; the drone ignores a duplicate.
+                    self.spawn_elsewhere(&drone.name, &id);
                     let token = self.issue_token(&id, static_token.as_deref(), &req).await?;
+                    if drone_now.is_none() && !self.flush_peers().await {
+                        tracing::warn!(backend_id = %id, "the spawn notice is not out yet; the drone's controller re-sends scheduled spawns periodically");
+                    }
                     return Ok(self.response(
                         &id,
                         true,

@@ -101,6 +101,13 @@ async fn handle(c: &Controller, drone: &DroneName, msg: DroneToController) -> Re
         DroneToController::Event(event) => {
             let event_id = event.event_id;
             apply_event(c, drone, event).await?;
+            // Acked once the other controllers can know of it: a drone re-sends what is
+            // not acked, and the re-sent event is published again.
+            if !c.flush_peers().await {
+                return Err(plane_store::StoreError::Database(
+                    "notices to the other controllers are not getting through".into(),
+                ));
+            }
             c.send_drone(drone, ControllerToDrone::Ack { event_id });
         }
         DroneToController::RenewKey {

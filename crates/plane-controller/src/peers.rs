@@ -20,10 +20,10 @@ use plane_types::protocol::{BackendMetrics, ControllerToProxy, LoadProgress};
 use plane_types::status::{TerminationKind, TerminationReason};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// How often a controller pings itself (and the others) through the database.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
@@ -116,10 +116,16 @@ pub struct Peers {
     /// This controller instance (its name plus a random part: a restarted controller
     /// is a new sender).
     id: String,
-    tx: mpsc::UnboundedSender<Notice>,
-    rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Notice>>>,
-    /// How many resyncs this controller has run (for tests and logs).
-    resyncs: AtomicU64,
+    /// Numbering and queueing happen under this lock, so numbers are in queue order.
+    tx: std::sync::Mutex<mpsc::UnboundedSender<(u64, Notice)>>,
+    rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(u64, Notice)>>>,
+    /// The sequence number of the last notice queued.
+    queued: AtomicU64,
+    /// Every notice up to this sequence number was sent (or dropped).
+    done: watch::Sender<u64>,
+    /// A resync is running / another one is wanted after it.
+    resyncing: AtomicBool,
+    resync_again: AtomicBool,
 }
 
 impl Peers {
@@ -129,20 +135,31 @@ impl Peers {
         Peers {
             fanout,
             id: format!("{name}/{:016x}", rand::random::<u64>()),
-            tx,
+            tx: std::sync::Mutex::new(tx),
             rx: std::sync::Mutex::new(Some(rx)),
-            resyncs: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            done: watch::channel(0).0,
+            resyncing: AtomicBool::new(false),
+            resync_again: AtomicBool::new(false),
         }
     }
 
     /// Queues a notice for the other controllers.
     pub fn send(&self, notice: Notice) {
-        let _ = self.tx.send(notice);
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = self.queued.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = tx.send((seq, notice));
     }
 
-    /// How many resyncs this controller has run.
-    pub fn resyncs(&self) -> u64 {
-        self.resyncs.load(Ordering::Relaxed)
+    /// Waits until every notice queued so far has reached the database, so that what
+    /// the caller acknowledges next (a drone event, an API answer) is known to the
+    /// other controllers even if this one dies right after. False after `timeout`.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let target = self.queued.load(Ordering::SeqCst);
+        let mut done = self.done.subscribe();
+        tokio::time::timeout(timeout, done.wait_for(|d| *d >= target))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -160,32 +177,42 @@ pub fn start(c: &Arc<Controller>) -> Vec<tokio::task::JoinHandle<()>> {
     ]
 }
 
-async fn send_loop(c: Weak<Controller>, mut rx: mpsc::UnboundedReceiver<Notice>) {
-    let Some((fanout, id, shutdown)) = c.upgrade().and_then(|c| {
+async fn send_loop(c: Weak<Controller>, mut rx: mpsc::UnboundedReceiver<(u64, Notice)>) {
+    let Some((fanout, id, shutdown, peers)) = c.upgrade().and_then(|c| {
         let p = c.peers.as_ref()?;
-        Some((p.fanout.clone(), p.id.clone(), c.shutdown.clone()))
+        Some((p.fanout.clone(), p.id.clone(), c.shutdown.clone(), p.done.clone()))
     }) else {
         return;
     };
+    // Pings are numbered after every notice the controller has queued: `seq` follows
+    // the highest number seen.
     let mut seq = 0u64;
     let mut pending: VecDeque<(u64, Notice)> = VecDeque::new();
     let mut ping = tokio::time::interval(PING_INTERVAL);
     let mut failing_since: Option<Instant> = None;
     let mut delay = Duration::from_millis(50);
+    let c_weak = c;
     loop {
         if pending.is_empty() {
             tokio::select! {
                 n = rx.recv() => match n {
-                    Some(n) => { seq += 1; pending.push_back((seq, n)); }
+                    Some(n) => { seq = seq.max(n.0); pending.push_back(n); }
                     None => return,
                 },
-                _ = ping.tick() => { seq += 1; pending.push_back((seq, Notice::Ping)); }
+                _ = ping.tick() => {
+                    // A ping takes the next number from the controller's counter, so it
+                    // never collides with a queued notice.
+                    let Some(c) = c_weak.upgrade() else { return };
+                    let Some(p) = c.peers.as_ref() else { return };
+                    p.send(Notice::Ping);
+                    continue;
+                }
                 () = shutdown.cancelled() => return,
             }
         }
         while let Ok(n) = rx.try_recv() {
-            seq += 1;
-            pending.push_back((seq, n));
+            seq = seq.max(n.0);
+            pending.push_back(n);
         }
         if pending.len() > MAX_PENDING {
             let excess = pending.len() - MAX_PENDING;
@@ -222,6 +249,13 @@ async fn send_loop(c: Weak<Controller>, mut rx: mpsc::UnboundedReceiver<Notice>)
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
+        // Everything before the first notice still waiting is sent or dropped.
+        let done = pending.front().map_or(seq, |(s, _)| s - 1);
+        peers.send_if_modified(|d| {
+            let moved = done > *d;
+            *d = (*d).max(done);
+            moved
+        });
     }
 }
 
@@ -321,12 +355,27 @@ async fn listen_loop(c: Weak<Controller>) {
 
 fn resync(c: &Weak<Controller>, why: &'static str) {
     let Some(c) = c.upgrade() else { return };
-    if let Some(p) = c.peers.as_ref() {
-        p.resyncs.fetch_add(1, Ordering::Relaxed);
+    let Some(p) = c.peers.as_ref() else { return };
+    // One resync at a time; asks that arrive meanwhile make it run once more.
+    if p.resyncing.swap(true, Ordering::SeqCst) {
+        p.resync_again.store(true, Ordering::SeqCst);
+        return;
     }
     tokio::spawn(async move {
-        tracing::info!(why, "resyncing connections with the store");
-        c.resync().await;
+        let Some(p) = c.peers.as_ref() else { return };
+        loop {
+            p.resync_again.store(false, Ordering::SeqCst);
+            tracing::info!(why, "resyncing connections with the store");
+            c.resync().await;
+            if p.resync_again.load(Ordering::SeqCst) {
+                continue;
+            }
+            p.resyncing.store(false, Ordering::SeqCst);
+            // An ask that came just before the store above found a resync running.
+            if !p.resync_again.load(Ordering::SeqCst) || p.resyncing.swap(true, Ordering::SeqCst) {
+                return;
+            }
+        }
     });
 }
 

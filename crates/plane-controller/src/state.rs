@@ -187,14 +187,15 @@ impl Controller {
             kind,
             reason,
         };
-        if !self.send_drone(drone, msg) {
-            self.to_peers(|| Notice::Terminate {
-                drone: drone.clone(),
-                backend_id,
-                termination: kind,
-                reason,
-            });
-        }
+        // Told to the others even when the drone is connected here: this connection
+        // may be a dead one the drone has left for another controller.
+        self.send_drone(drone, msg);
+        self.to_peers(|| Notice::Terminate {
+            drone: drone.clone(),
+            backend_id,
+            termination: kind,
+            reason,
+        });
     }
 
     /// Sends to every proxy (of `cluster`, if given), here and on other controllers.
@@ -377,6 +378,16 @@ impl Controller {
     /// Whether a drone is connected to this controller.
     pub fn has_drone(&self, name: &DroneName) -> bool {
         lock(&self.drones).contains_key(name)
+    }
+
+    /// Waits (at most 5 s) until the notices queued so far reached the database, so an
+    /// acknowledgement that follows survives this controller's death. True at once
+    /// without other controllers.
+    pub async fn flush_peers(&self) -> bool {
+        match &self.peers {
+            Some(p) => p.flush(std::time::Duration::from_secs(5)).await,
+            None => true,
+        }
     }
 
     /// Whether drones connected to other controllers can be scheduled from here.

@@ -11,7 +11,8 @@ pub async fn run(c: Arc<Controller>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cleanup = tokio::time::interval(c.config.timings.cleanup_interval);
     cleanup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut resend = tokio::time::interval(RESEND_INTERVAL);
+    // Well within a lease, so a spawn re-sent this way still finds its lease alive.
+    let mut resend = tokio::time::interval(RESEND_INTERVAL.min(c.config.timings.lease.expire_after / 4));
     resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resend.reset();
     loop {
@@ -35,8 +36,8 @@ pub async fn run(c: Arc<Controller>) {
     }
 }
 
-/// With several controllers, how often scheduled spawns and pending terminations are
-/// re-sent to the drones connected here.
+/// With several controllers, how often (at most) scheduled spawns and pending
+/// terminations are re-sent to the drones connected here.
 const RESEND_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reports (progress, metrics) not refreshed for this long are forgotten.

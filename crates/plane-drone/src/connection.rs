@@ -111,6 +111,7 @@ pub(crate) async fn run(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(timings.reconnect_min, timings.reconnect_max);
+    let mut rejected = 0;
     for attempt in 0usize.. {
         if shutdown.is_cancelled() {
             break;
@@ -119,10 +120,17 @@ pub(crate) async fn run(
         match session(url, identity, drone, store, outgoing, timings, shutdown).await {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Rejected(message) => {
-                error!(%message, "the controller rejected this drone");
-                anyhow::bail!("the controller rejected this drone: {message}");
+                // One controller of several may be of another version (a rolling
+                // upgrade): give up only when every one of them refused in a row.
+                rejected += 1;
+                if rejected >= urls.len() {
+                    error!(%message, "the controller rejected this drone");
+                    anyhow::bail!("the controller rejected this drone: {message}");
+                }
+                warn!(controller = %url, %message, "this controller rejected the drone; trying the next one");
             }
             SessionEnd::Lost { welcomed, error } => {
+                rejected = 0;
                 if welcomed {
                     backoff.reset();
                 }

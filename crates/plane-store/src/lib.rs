@@ -438,7 +438,8 @@ pub trait Store: Send + Sync + 'static {
     /// Where a token routes; `None` if unknown or revoked.
     async fn route(&self, token: &str) -> StoreResult<Option<TokenRoute>>;
 
-    /// Revokes a user's tokens for a backend; returns the revoked tokens.
+    /// Revokes a user's tokens for a backend; returns all of them, including those
+    /// revoked before, so a retried revoke can invalidate caches again.
     async fn revoke(&self, backend_id: &BackendName, user: &str) -> StoreResult<Vec<String>>;
 
     /// Records traffic for these backends now.

@@ -998,11 +998,10 @@ impl Store for PostgresStore {
 
     async fn revoke(&self, backend_id: &BackendName, user: &str) -> StoreResult<Vec<String>> {
         self.bounded("revoke", async {
-            // The update re-checks `NOT revoked` on the latest row, so a token revoked by
-            // two concurrent calls is returned by one of them.
+            // Already revoked tokens are returned too: a retried revoke (say, after the
+            // controller died before telling the proxies) invalidates caches again.
             Ok(sqlx::query_scalar(
-                "UPDATE token SET revoked = TRUE WHERE backend_id = $1 AND username = $2 AND NOT revoked \
-                 RETURNING token",
+                "UPDATE token SET revoked = TRUE WHERE backend_id = $1 AND username = $2 RETURNING token",
             )
             .bind(backend_id.as_str())
             .bind(user)

@@ -637,7 +637,8 @@ impl Store for SqliteStore {
 
     async fn revoke(&self, backend_id: &BackendName, user: &str) -> StoreResult<Vec<String>> {
         let rows = sqlx::query(
-            "UPDATE token SET revoked = 1 WHERE backend_id = ?1 AND username = ?2 AND revoked = 0 RETURNING token",
+            // Already revoked tokens too: a retried revoke invalidates caches again.
+            "UPDATE token SET revoked = 1 WHERE backend_id = ?1 AND username = ?2 RETURNING token",
         )
         .bind(backend_id.as_str())
         .bind(user)

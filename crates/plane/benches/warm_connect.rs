@@ -42,6 +42,8 @@ mod common;
 use anyhow::{bail, ensure, Context};
 use plane_tests::{Options, TestCluster};
 use plane_types::api::ConnectResponse;
+use plane_types::names::BackendName;
+use plane_types::status::BackendStatus;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -273,7 +275,7 @@ async fn cluster_with_keys(
     keys: usize,
     prefix: &str,
     sweep_interval: Duration,
-) -> anyhow::Result<(TestCluster, Vec<Vec<u8>>)> {
+) -> anyhow::Result<(Cluster, Vec<Vec<u8>>)> {
     let mut options = Options::new(binary);
     // Key leases of 6 minutes: no renewal is due while the drone is stopped.
     options.lease_unit = Duration::from_secs(60);
@@ -290,21 +292,37 @@ async fn cluster_with_keys(
         .map(|i| tc.executable_request(&format!("{prefix}-{i}"), executable.clone()))
         .collect();
     // A few at a time: the drone starts them in parallel.
+    let mut ids = Vec::with_capacity(keys);
     for chunk in requests.chunks(16) {
         let started = futures_util::future::try_join_all(chunk.iter().map(|r| tc.connect_ready(r)))
             .await
             .with_context(|| format!("starting the backends of the {prefix} cluster"))?;
         ensure!(started.iter().all(|r| r.spawned), "a key was already held");
+        ids.extend(started.into_iter().map(|r| r.backend_id));
     }
     tc.stop_drone().await?;
     let bodies = requests.iter().map(serde_json::to_vec).collect::<Result<Vec<_>, _>>()?;
-    Ok((tc, bodies))
+    Ok((Cluster { tc, ids }, bodies))
 }
 
-/// Starts the drone again (it re-adopts its backends), then stops the backends and the
-/// cluster.
-async fn shut_down(mut tc: TestCluster) -> anyhow::Result<()> {
+/// A cluster and the backends started on it.
+struct Cluster {
+    tc: TestCluster,
+    ids: Vec<BackendName>,
+}
+
+/// Starts the drone again (it re-adopts the backends), stops the backends (many at a
+/// time: [`TestCluster::shutdown`] does it one by one), then the cluster.
+async fn shut_down(cluster: Cluster) -> anyhow::Result<()> {
+    let Cluster { mut tc, ids } = cluster;
     tc.start_drone().await?;
+    for chunk in ids.chunks(32) {
+        futures_util::future::try_join_all(chunk.iter().map(|id| async {
+            tc.client.hard_terminate(id).await?;
+            tc.wait_status(id, BackendStatus::Terminated).await
+        }))
+        .await?;
+    }
     tc.shutdown().await
 }
 
@@ -501,7 +519,7 @@ async fn statements(monitor: &mut sqlx::PgConnection, database: &str) -> anyhow:
 /// The quiet cluster whose store goes through the counting relay, on a private server
 /// with `pg_stat_statements`.
 struct Counting {
-    tc: TestCluster,
+    cluster: Cluster,
     database: String,
     bodies: Arc<Vec<Vec<u8>>>,
     clients: Vec<reqwest::Client>,
@@ -771,19 +789,19 @@ async fn run(loadgen: tokio::runtime::Handle, config: Config) -> anyhow::Result<
     .next()
     .and_then(|l| l.trim().parse::<u32>().ok());
     let sweep = Duration::from_secs(1);
-    let (sqlite_tc, sqlite_bodies) = cluster_with_keys(binary, None, keys, "sqlite", sweep).await?;
-    let (pg_tc, pg_bodies) = cluster_with_keys(binary, Some(pg.url()), keys, "postgres", sweep).await?;
+    let (sqlite_cluster, sqlite_bodies) = cluster_with_keys(binary, None, keys, "sqlite", sweep).await?;
+    let (pg_cluster, pg_bodies) = cluster_with_keys(binary, Some(pg.url()), keys, "postgres", sweep).await?;
     let targets = [
         Target {
             store: "SQLite",
-            url: sqlite_tc.controller_url.clone(),
+            url: sqlite_cluster.tc.controller_url.clone(),
             clients: clients(concurrency)?,
             bodies: Arc::new(sqlite_bodies),
             postmaster: None,
         },
         Target {
             store: "PostgreSQL",
-            url: pg_tc.controller_url.clone(),
+            url: pg_cluster.tc.controller_url.clone(),
             clients: clients(concurrency)?,
             bodies: Arc::new(pg_bodies),
             postmaster,
@@ -836,7 +854,7 @@ async fn run(loadgen: tokio::runtime::Handle, config: Config) -> anyhow::Result<
     let after = db_stats(&mut counting.monitor, &counting.database).await?;
     print_counted(&counted, &after);
 
-    for tc in [sqlite_tc, pg_tc, counting.tc] {
+    for tc in [sqlite_cluster, pg_cluster, counting.cluster] {
         shut_down(tc).await?;
     }
     counting.relay.abort();
@@ -876,15 +894,15 @@ async fn counting_cluster(
         SocketAddr::from(([127, 0, 0, 1], pg.port())),
         wire.clone(),
     ));
-    let (tc, bodies) = cluster_with_keys(binary, Some(relay_url), 10, "count", Duration::from_secs(600)).await?;
+    let (cluster, bodies) = cluster_with_keys(binary, Some(relay_url), 10, "count", Duration::from_secs(600)).await?;
     let bodies = Arc::new(bodies);
     let clients = clients(concurrency)?;
     // Warm every pooled store connection's statement cache.
-    connects(loadgen, &clients, &tc.controller_url, &bodies, 500).await?;
+    connects(loadgen, &clients, &cluster.tc.controller_url, &bodies, 500).await?;
     let idle_since = (Instant::now(), wire.snapshot());
     Ok(Counting {
         database: pg.database_name().to_owned(),
-        tc,
+        cluster,
         bodies,
         clients,
         wire,
@@ -915,7 +933,7 @@ async fn count_round_trips(
     connects(
         loadgen,
         &counting.clients,
-        &counting.tc.controller_url,
+        &counting.cluster.tc.controller_url,
         &counting.bodies,
         n,
     )

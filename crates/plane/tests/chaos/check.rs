@@ -7,9 +7,12 @@
 //! 2. **Every backend ends.** Each backend in the store is `terminated`, or `ready` and
 //!    answering at its address; and every backend process still alive is one the store
 //!    says is not terminated (no ghost).
-//! 3. **No event lost.** The statuses the store recorded for a backend equal the ones
-//!    its drone emitted (its event journal), but for `scheduled` and a `lost` the
-//!    controller recorded itself (after which later drone events are stale by design).
+//! 3. **No event lost.** Once everything is stopped and every drone's outbox is empty,
+//!    the statuses the store recorded for a backend equal the ones its drone emitted
+//!    (its event journal), but for `scheduled` and a `lost` the controller recorded
+//!    itself. A record that ended `lost` excuses the drone's statuses it lacks: a
+//!    drone cut off past its lease reports its own stop only after the controller has
+//!    closed the record (by design, and property 1 checks that the stop came first).
 
 use plane_demo::lifecycle::LifecycleEvent;
 use std::collections::{BTreeMap, BTreeSet};

@@ -360,14 +360,25 @@ async fn chaos() {
         .connect(&db_url)
         .await
         .unwrap();
-    let stored = settle(&pool).await;
-
-    // The checks.
+    let settled = settle(&pool).await;
     let events = check::read_lifecycle(&lifecycle_dir.join("lifecycle.jsonl"));
+    // Property 2 on the settled cluster, then stop every backend through the API and
+    // wait until the drones have nothing left to send, so that the store and the
+    // journals are compared at rest.
+    let mut violations = every_backend_ends(&http, &pool, &settled, &events).await;
+    for b in settled.iter().filter(|b| b.status != "terminated") {
+        let _ = http
+            .post(format!("{}/ctrl/b/{}/hard-terminate", controller_urls[0], b.id))
+            .send()
+            .await;
+    }
+    let drone_dbs: Vec<PathBuf> = (0..DRONES)
+        .map(|i| dir.join(format!("drone-{i}")).join("state.db"))
+        .collect();
+    let stored = at_rest(&pool, &drone_dbs).await;
     let journal = check::read_journals(&journals);
-    let mut violations = check::one_backend_per_key(&events);
+    violations.extend(check::one_backend_per_key(&events));
     violations.extend(check::tokens_match(&stored, &events));
-    violations.extend(every_backend_ends(&http, &stored, &events).await);
     violations.extend(check::recorded_equals_emitted(&stored, &journal));
 
     let report = format!(
@@ -396,13 +407,7 @@ async fn chaos() {
         println!("run directory kept: {}", tmp.keep().display());
     }
 
-    // Stop every backend, then the components.
-    for b in stored.iter().filter(|b| b.status != "terminated") {
-        let _ = http
-            .post(format!("{}/ctrl/b/{}/hard-terminate", controller_urls[0], b.id))
-            .send()
-            .await;
-    }
+    // Every backend is stopped already; then the components.
     let deadline = Instant::now() + Duration::from_secs(20);
     while events
         .iter()
@@ -426,6 +431,11 @@ async fn chaos() {
 
     assert!(violations.is_empty(), "{report}\n{}", violations.join("\n"));
     assert!(stats.spawns.load(Ordering::Relaxed) > 0, "{report}");
+    // A missing or unreadable lifecycle log would make the first check vacuous.
+    assert!(
+        events.iter().any(|e| e.event == "start"),
+        "no backend start was logged: {report}"
+    );
     assert!(
         faults.controller_kills > 0
             && faults.drone_kills_short + faults.drone_kills_past_lease > 0
@@ -584,9 +594,46 @@ async fn settle(pool: &sqlx::PgPool) -> Vec<StoredBackend> {
     }
 }
 
-/// Property 2.
+/// Waits (bounded) until every backend is terminated and every drone's outbox is
+/// empty; returns the store's backends.
+async fn at_rest(pool: &sqlx::PgPool, drone_dbs: &[PathBuf]) -> Vec<StoredBackend> {
+    let deadline = Instant::now() + Duration::from_millis(LEASE_MS * 3) + Duration::from_secs(20);
+    loop {
+        let stored = stored_backends(pool).await;
+        let mut unsent = 0i64;
+        for db in drone_dbs {
+            let options = sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true);
+            if let Ok(mut conn) = sqlx::ConnectOptions::connect(&options).await {
+                unsent += sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap_or(1);
+            } else {
+                unsent += 1;
+            }
+        }
+        match stored {
+            Ok(b) if unsent == 0 && b.iter().all(|b| b.status == "terminated") => return b,
+            Ok(b) if Instant::now() > deadline => {
+                let live: Vec<String> = b
+                    .iter()
+                    .filter(|b| b.status != "terminated")
+                    .map(|b| format!("{} {}", b.id, b.status))
+                    .collect();
+                panic!("the cluster did not come to rest: {unsent} events unsent, not terminated: {live:?}");
+            }
+            Err(e) if Instant::now() > deadline => panic!("the store did not answer: {e}"),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Property 2. A backend that does not answer is a violation only if the store still
+/// says it is ready afterwards (an idle one may have begun to stop since the snapshot).
 async fn every_backend_ends(
     http: &reqwest::Client,
+    pool: &sqlx::PgPool,
     stored: &[StoredBackend],
     events: &[plane_demo::lifecycle::LifecycleEvent],
 ) -> Vec<String> {
@@ -606,7 +653,14 @@ async fn every_backend_ends(
             Err(_) => None,
         };
         if id.as_deref() != Some(b.id.as_str()) {
-            violations.push(format!("backend {} is ready but does not answer at {address}", b.id));
+            let now: Option<String> = sqlx::query_scalar("SELECT status FROM backend WHERE id = $1")
+                .bind(&b.id)
+                .fetch_optional(pool)
+                .await
+                .unwrap_or_default();
+            if now.as_deref() == Some("ready") {
+                violations.push(format!("backend {} is ready but does not answer at {address}", b.id));
+            }
         }
     }
     for e in events.iter().filter(|e| e.event == "start") {
