@@ -46,6 +46,9 @@ pub enum Notice {
     Status {
         /// The backend.
         backend_id: BackendName,
+        /// It is terminated: its progress and metrics are forgotten.
+        #[serde(default)]
+        terminated: bool,
     },
     /// A backend was scheduled on a drone connected elsewhere: its controller sends
     /// the spawn.
@@ -388,6 +391,7 @@ mod tests {
         let notices = [
             Notice::Status {
                 backend_id: "ba-1".parse().unwrap(),
+                terminated: true,
             },
             Notice::Terminate {
                 drone: "dr-1".parse().unwrap(),

@@ -143,18 +143,27 @@ impl Controller {
     /// Publishes a status change to status streams and route waits, here and on the
     /// other controllers. A terminated backend's progress and metrics are forgotten.
     pub fn publish(&self, backend_id: BackendName, entry: &StatusEntry) {
-        if entry.status.is_terminal() {
-            lock(&self.observed).remove(&backend_id);
-        }
-        self.publish_hint(backend_id);
+        self.publish_status(backend_id, entry.status.is_terminal());
     }
 
     /// Tells status streams and route waits, here and on the other controllers, to
     /// re-read a backend (whose status may have changed).
     pub fn publish_hint(&self, backend_id: BackendName) {
+        self.publish_status(backend_id, false);
+    }
+
+    fn publish_status(&self, backend_id: BackendName, terminated: bool) {
         self.to_peers(|| Notice::Status {
             backend_id: backend_id.clone(),
+            terminated,
         });
+        self.status_here(backend_id, terminated);
+    }
+
+    fn status_here(&self, backend_id: BackendName, terminated: bool) {
+        if terminated {
+            lock(&self.observed).remove(&backend_id);
+        }
         let _ = self.bus.send(StatusChange::Backend(backend_id));
     }
 
@@ -210,9 +219,7 @@ impl Controller {
     /// Acts on a notice from another controller, for the connections held here.
     pub fn deliver(self: &Arc<Self>, notice: Notice) {
         match notice {
-            Notice::Status { backend_id } => {
-                let _ = self.bus.send(StatusChange::Backend(backend_id));
-            }
+            Notice::Status { backend_id, terminated } => self.status_here(backend_id, terminated),
             Notice::Spawn { drone, backend_id } => {
                 if self.has_drone(&drone) {
                     let c = self.clone();
