@@ -39,7 +39,8 @@ pub async fn serve(listener: TcpListener, config: ControllerConfig, shutdown: Ca
     let controller = Controller::new(config, shutdown.child_token());
     tracing::info!(name = %controller.config.name, addr = ?listener.local_addr().ok(), "controller listening");
     let sweeper = tokio::spawn(sweeper::run(controller.clone()));
-    let peers = peers::start(&controller);
+    let peers_stop = CancellationToken::new();
+    let peers = peers::start(&controller, peers_stop.clone());
     let app = api::router(controller.clone());
     // Small frames (acks, SSE events) must not wait for Nagle's algorithm: on loopback
     // with delayed ACKs that costs up to 40 ms per exchange, on the cold-start path.
@@ -51,6 +52,14 @@ pub async fn serve(listener: TcpListener, config: ControllerConfig, shutdown: Ca
         .await;
     controller.shutdown.cancel();
     let _ = sweeper.await;
+    // The last requests' notices go out before the fan-out stops (bounded: the
+    // database may be the reason for the shutdown).
+    if let Some(p) = &controller.peers {
+        if !p.flush(std::time::Duration::from_secs(2)).await {
+            tracing::warn!("stopping with notices to the other controllers unsent");
+        }
+    }
+    peers_stop.cancel();
     for task in peers {
         let _ = task.await;
     }

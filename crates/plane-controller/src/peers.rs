@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 /// How often a controller pings itself (and the others) through the database.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
@@ -166,8 +167,10 @@ impl Peers {
     }
 }
 
-/// Starts the sender and the listener of `c`'s fan-out; they stop when `c` shuts down.
-pub fn start(c: &Arc<Controller>) -> Vec<tokio::task::JoinHandle<()>> {
+/// Starts the sender and the listener of `c`'s fan-out; they stop when `stop` is
+/// cancelled (after the HTTP server has finished its requests, so that their notices
+/// can still go out: see [`crate::serve`]).
+pub fn start(c: &Arc<Controller>, stop: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
     let Some(peers) = c.peers.as_ref() else {
         return Vec::new();
     };
@@ -175,15 +178,15 @@ pub fn start(c: &Arc<Controller>) -> Vec<tokio::task::JoinHandle<()>> {
         return Vec::new();
     };
     vec![
-        tokio::spawn(send_loop(Arc::downgrade(c), rx)),
-        tokio::spawn(listen_loop(Arc::downgrade(c))),
+        tokio::spawn(send_loop(Arc::downgrade(c), rx, stop.clone())),
+        tokio::spawn(listen_loop(Arc::downgrade(c), stop)),
     ]
 }
 
-async fn send_loop(c: Weak<Controller>, mut rx: mpsc::UnboundedReceiver<(u64, Notice)>) {
-    let Some((fanout, id, shutdown, peers)) = c.upgrade().and_then(|c| {
+async fn send_loop(c: Weak<Controller>, mut rx: mpsc::UnboundedReceiver<(u64, Notice)>, shutdown: CancellationToken) {
+    let Some((fanout, id, peers)) = c.upgrade().and_then(|c| {
         let p = c.peers.as_ref()?;
-        Some((p.fanout.clone(), p.id.clone(), c.shutdown.clone(), p.done.clone()))
+        Some((p.fanout.clone(), p.id.clone(), p.done.clone()))
     }) else {
         return;
     };
@@ -231,7 +234,11 @@ async fn send_loop(c: Weak<Controller>, mut rx: mpsc::UnboundedReceiver<(u64, No
             .filter_map(|(seq, notice)| encode(&id, *seq, notice))
             .collect();
         let taken = pending.len().min(BATCH);
-        match fanout.notify(&batch).await {
+        let sent = tokio::select! {
+            r = fanout.notify(&batch) => r,
+            () = shutdown.cancelled() => return,
+        };
+        match sent {
             Ok(()) => {
                 pending.drain(..taken);
                 if let Some(since) = failing_since.take() {
@@ -283,10 +290,10 @@ fn encode(from: &str, seq: u64, notice: &Notice) -> Option<String> {
     }
 }
 
-async fn listen_loop(c: Weak<Controller>) {
-    let Some((fanout, id, shutdown)) = c.upgrade().and_then(|c| {
+async fn listen_loop(c: Weak<Controller>, shutdown: CancellationToken) {
+    let Some((fanout, id)) = c.upgrade().and_then(|c| {
         let p = c.peers.as_ref()?;
-        Some((p.fanout.clone(), p.id.clone(), c.shutdown.clone()))
+        Some((p.fanout.clone(), p.id.clone()))
     }) else {
         return;
     };

@@ -181,6 +181,17 @@ mod flock {
     }
 }
 
+/// Opens (creating it and its directory) a lock file, without truncating what is in it.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    create_parent(path)?;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 fn create_parent(path: &Path) -> io::Result<()> {
     match path.parent().filter(|p| !p.as_os_str().is_empty()) {
         Some(parent) => std::fs::create_dir_all(parent),
@@ -215,13 +226,7 @@ impl DroneLock {
     /// out.
     pub async fn acquire(db: &Path) -> io::Result<DroneLock> {
         let path = drone_lock_path(db);
-        create_parent(&path)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        let file = open_lock_file(&path)?;
         let deadline = Instant::now() + DRONE_LOCK_WAIT;
         loop {
             if flock::try_shared(&file)? {
@@ -350,14 +355,7 @@ struct WatchdogLock {
 
 impl WatchdogLock {
     fn open(db: &Path) -> io::Result<WatchdogLock> {
-        let path = watchdog_lock_path(db);
-        create_parent(&path)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        let file = open_lock_file(&watchdog_lock_path(db))?;
         Ok(WatchdogLock { file, held: false })
     }
 
