@@ -182,8 +182,9 @@ impl Controller {
     }
 
     /// Asks the drone running a backend to terminate it: directly if it is connected
-    /// here, else through the controller it is connected to. (The request is in the
-    /// store already, so a drone connected nowhere gets it when it reconnects.)
+    /// here, and through the other controllers in any case (the one it is connected to
+    /// sends it). The request is in the store already, so a drone connected nowhere gets
+    /// it when it reconnects.
     pub fn terminate_on(
         &self,
         drone: &DroneName,

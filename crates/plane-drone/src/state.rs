@@ -171,7 +171,7 @@ impl EventJournal {
         }
         if let Some(f) = file.as_mut() {
             // One write per line: with O_APPEND, lines of concurrent writers never mix.
-            let written = f.write_all(format!("{line}\n").as_bytes()).and_then(|()| f.flush());
+            let written = f.write_all(format!("{line}\n").as_bytes());
             if let Err(err) = written {
                 error!(path = %self.path.display(), %err, %backend_id, %status, "cannot write to the event journal");
             }

@@ -89,6 +89,9 @@ const DOCKER_RETRY: Duration = Duration::from_secs(2);
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`DroneLock::acquire`] waits out a probe of the lock.
 const DRONE_LOCK_WAIT: Duration = Duration::from_secs(2);
+/// How long a starting watchdog waits out a probe of its lock (a probe holds it for
+/// microseconds; another watchdog, for its whole life).
+const PROBE_WAIT: Duration = Duration::from_millis(50);
 
 /// What the watchdog watches and how.
 #[derive(Clone, Debug)]
@@ -360,10 +363,16 @@ impl WatchdogLock {
     }
 
     /// Takes the lock and writes this process's pid in the file; false if another
-    /// watchdog holds it.
-    fn try_lock(&mut self) -> io::Result<bool> {
-        if !flock::try_exclusive(&self.file)? {
-            return Ok(false);
+    /// watchdog holds it. A probe (`is_locked`, run by a starting drone) also holds it
+    /// for an instant, so a refusal is retried for a little while: a real holder keeps
+    /// it throughout.
+    async fn try_lock(&mut self) -> io::Result<bool> {
+        let deadline = Instant::now() + PROBE_WAIT;
+        while !flock::try_exclusive(&self.file)? {
+            if Instant::now() > deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         self.held = true;
         self.file.set_len(0)?;
@@ -387,7 +396,7 @@ impl WatchdogLock {
 pub async fn run(config: WatchdogConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let db = config.db_path.clone();
     let mut lock = WatchdogLock::open(&db).with_context(|| format!("opening {}", watchdog_lock_path(&db).display()))?;
-    if !lock.try_lock().context("locking the watchdog lock file")? {
+    if !lock.try_lock().await.context("locking the watchdog lock file")? {
         let pid = running_watchdog(&db).ok().flatten().and_then(|w| w.pid);
         info!(db = %db.display(), ?pid, "another watchdog watches this state database; exiting");
         return Ok(());
@@ -424,7 +433,7 @@ pub async fn run(config: WatchdogConfig, shutdown: CancellationToken) -> anyhow:
                 if drone_running(&db).unwrap_or(true) {
                     // A drone started meanwhile; it may have seen this watchdog's lock and
                     // started none, so stay (unless a new watchdog took over already).
-                    if !lock.try_lock().unwrap_or(false) {
+                    if !lock.try_lock().await.unwrap_or(false) {
                         info!("another watchdog took over; exiting");
                         break Ok(());
                     }
@@ -621,6 +630,8 @@ impl Watchdog {
         self.killed.retain(|id, _| live.contains(id));
         self.dead.retain(|id, _| live.contains(id));
         self.unfindable.retain(|id| live.contains(id));
+        // Rate-limit entries outlive their failure by at most one log period.
+        self.logged.retain(|_, at| at.elapsed() < ERROR_LOG_EVERY);
 
         // Processes first: a slow Docker engine must not delay them.
         let mut verdicts = Vec::with_capacity(records.len());
@@ -882,7 +893,7 @@ mod tests {
 
         assert_eq!(running_watchdog(&db).unwrap(), None);
         let mut lock = WatchdogLock::open(&db).unwrap();
-        assert!(lock.try_lock().unwrap());
+        assert!(lock.try_lock().await.unwrap());
         assert_eq!(
             running_watchdog(&db).unwrap(),
             Some(RunningWatchdog {
@@ -890,10 +901,13 @@ mod tests {
             })
         );
         let mut other = WatchdogLock::open(&db).unwrap();
-        assert!(!other.try_lock().unwrap(), "a second watchdog must not get the lock");
+        assert!(
+            !other.try_lock().await.unwrap(),
+            "a second watchdog must not get the lock"
+        );
         lock.release();
         assert_eq!(running_watchdog(&db).unwrap(), None);
-        assert!(other.try_lock().unwrap());
+        assert!(other.try_lock().await.unwrap());
         // Another watchdog started for the same database exits at once.
         let config = WatchdogConfig::new(&db);
         tokio::time::timeout(Duration::from_secs(5), run(config, CancellationToken::new()))
@@ -943,10 +957,7 @@ mod tests {
         }
     }
 
-    fn alive(handle: &crate::ProcessHandle) -> bool {
-        crate::runtime::process::read_proc_stat(handle.pid)
-            .is_ok_and(|s| s.start_time == handle.start_time && !matches!(s.state, 'Z' | 'X' | 'x'))
-    }
+    use crate::runtime::process::is_alive as alive;
 
     fn soon(hard_in_ms: u64) -> LeaseDeadlines {
         let now = now_ms();

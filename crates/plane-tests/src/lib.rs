@@ -489,3 +489,25 @@ pub async fn wait_status_via(
         Err(_) => bail!("backend {id} did not reach {status} within {WAIT:?}"),
     }
 }
+
+/// Polls `f` (every 20 ms) until it returns `Some`, failing after [`WAIT`].
+pub async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A fresh database on the test binary's shared PostgreSQL server (started from the
+/// machine's binaries on first use); panics, so the test fails rather than skips, if
+/// PostgreSQL cannot start.
+pub async fn test_database() -> plane_test_postgres::TestPostgres {
+    tokio::task::spawn_blocking(plane_test_postgres::TestPostgres::database)
+        .await
+        .expect("the database task")
+        .expect("these tests need PostgreSQL (initdb, pg_ctl) to start")
+}

@@ -224,11 +224,11 @@ pub struct WatchdogArgs {
     #[arg(long)]
     docker_host: Option<String>,
     /// Milliseconds between two reads of the state store.
-    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = plane_drone::watchdog::DEFAULT_POLL_INTERVAL.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
     poll_interval_ms: u64,
     /// Exit after this many milliseconds in which no drone ran for the state store and no
     /// backend it records needed watching.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = plane_drone::watchdog::DEFAULT_EXIT_AFTER.as_millis() as u64)]
     exit_after_ms: u64,
 }
 

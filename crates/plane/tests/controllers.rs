@@ -21,13 +21,6 @@ use tokio::sync::watch;
 
 const PLANE: &str = env!("CARGO_BIN_EXE_plane");
 
-async fn database() -> TestPostgres {
-    tokio::task::spawn_blocking(TestPostgres::database)
-        .await
-        .expect("the database task")
-        .expect("these tests need PostgreSQL (initdb, pg_ctl) to start")
-}
-
 async fn cluster(db: &TestPostgres) -> TestCluster {
     let mut options = Options::new(PLANE);
     options.postgres_url = Some(db.url());
@@ -57,7 +50,7 @@ async fn wait_http(tc: &TestCluster, url: &str, want: u16) {
 
 #[tokio::test]
 async fn two_controllers_on_one_database_act_for_each_others_drones_and_proxies() {
-    let db = database().await;
+    let db = plane_tests::test_database().await;
     let mut tc = cluster(&db).await;
     let a_url = tc.controller_url.clone();
     let b_url = tc.add_controller(None).await.unwrap();
@@ -177,7 +170,7 @@ impl FanoutListener for GatedListener {
 
 #[tokio::test]
 async fn a_controller_whose_listener_was_cut_off_resyncs_and_misses_nothing() {
-    let db = database().await;
+    let db = plane_tests::test_database().await;
     let mut tc = cluster(&db).await;
     let store = PostgresStore::connect(&db.url()).await.unwrap();
     let gated = Arc::new(Gated {
@@ -231,7 +224,7 @@ async fn a_controller_whose_listener_was_cut_off_resyncs_and_misses_nothing() {
 
 #[tokio::test]
 async fn listeners_reconnect_after_postgresql_drops_their_connections() {
-    let db = database().await;
+    let db = plane_tests::test_database().await;
     let mut tc = cluster(&db).await;
     let b_url = tc.add_controller(None).await.unwrap();
     tc.drone_controller_url = Some(b_url.clone());

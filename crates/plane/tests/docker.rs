@@ -6,7 +6,7 @@
 
 use plane_drone::config::DockerRuntimeConfig;
 use plane_test_image::{docker_ok, inspect, RemoveContainers};
-use plane_tests::{Options, TestCluster, WAIT};
+use plane_tests::{eventually, Options, TestCluster, WAIT};
 use plane_types::api::{ApiErrorKind, NodeName};
 use plane_types::names::{BackendName, DroneName};
 use plane_types::status::{BackendStatus, TerminationKind, TerminationReason};
@@ -78,18 +78,6 @@ impl DockerCluster {
             .unwrap();
         assert!(res.status().is_success(), "GET {path}: {}", res.status());
         res.json().await.unwrap()
-    }
-}
-
-/// Polls `f` until it returns `Some`, failing after [`WAIT`].
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -12,16 +12,9 @@ use std::time::{Duration, Instant};
 
 const PLANE: &str = env!("CARGO_BIN_EXE_plane");
 
-async fn database() -> TestPostgres {
-    tokio::task::spawn_blocking(TestPostgres::database)
-        .await
-        .expect("the database task")
-        .expect("these tests need PostgreSQL (initdb, pg_ctl) to start")
-}
-
 #[tokio::test]
 async fn a_cluster_on_postgres_serves_connects_and_survives_a_controller_restart() {
-    let db = database().await;
+    let db = plane_tests::test_database().await;
     let mut options = Options::new(PLANE);
     options.postgres_url = Some(db.url());
     let mut tc = TestCluster::start(options).await.unwrap();
@@ -66,7 +59,7 @@ async fn a_cluster_on_postgres_serves_connects_and_survives_a_controller_restart
 
 #[tokio::test]
 async fn plane_migrate_and_plane_controller_on_postgres() {
-    let db = database().await;
+    let db = plane_tests::test_database().await;
     let out = tokio::process::Command::new(PLANE)
         .args(["migrate", "--db", &db.url()])
         .output()

@@ -15,7 +15,7 @@
 use plane_drone::watchdog::{running_watchdog, watchdog_log_path};
 use plane_drone::{ProcessHandle, RuntimeHandle, StateStore};
 use plane_test_image::{inspect, RemoveContainers};
-use plane_tests::{Options, TestCluster, WAIT};
+use plane_tests::{eventually, Options, TestCluster, WAIT};
 use plane_types::api::{ConnectRequest, NodeName};
 use plane_types::lease::LeaseDeadlines;
 use plane_types::names::{BackendName, DroneName};
@@ -119,18 +119,6 @@ async fn wait_drone_ready(tc: &TestCluster, name: &DroneName) {
     })
     .await
     .unwrap();
-}
-
-/// Polls `f` until it returns `Some`, failing after [`WAIT`].
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// The pid of the watchdog of `db`, once it holds its lock.

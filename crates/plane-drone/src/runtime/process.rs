@@ -293,7 +293,7 @@ fn group_usage(pgid: u32) -> Option<GroupUsage> {
 }
 
 /// Whether the process behind `handle` still runs (a zombie does not).
-fn is_alive(handle: &ProcessHandle) -> bool {
+pub(crate) fn is_alive(handle: &ProcessHandle) -> bool {
     match read_proc_stat(handle.pid) {
         Ok(stat) => stat.start_time == handle.start_time && !matches!(stat.state, 'Z' | 'X' | 'x'),
         Err(_) => false,

@@ -564,21 +564,16 @@ async fn stored_backends(pool: &sqlx::PgPool) -> Result<Vec<StoredBackend>, sqlx
     Ok(out)
 }
 
-/// Waits (bounded) until every backend is ready or terminated and no drone has
-/// unsent events, then returns the store's backends.
+/// Waits (bounded) until every backend is ready or terminated, then returns the
+/// store's backends.
 async fn settle(pool: &sqlx::PgPool) -> Vec<StoredBackend> {
     // The longest a backend can take to settle: a lease (lost), plus a start.
     let deadline = Instant::now() + Duration::from_millis(LEASE_MS * 4) + Duration::from_secs(20);
     loop {
         match stored_backends(pool).await {
-            Ok(b) if b.iter().all(|b| b.status == "ready" || b.status == "terminated") => {
-                // One more lease: events still in flight land, idle backends may end.
-                tokio::time::sleep(Duration::from_millis(LEASE_MS / 2)).await;
-                let again = stored_backends(pool).await.unwrap();
-                if again.iter().all(|b| b.status == "ready" || b.status == "terminated") {
-                    return again;
-                }
-            }
+            // A backend that starts to stop after this is fine: property 2 re-reads the
+            // status of one that does not answer, and property 3 waits for rest.
+            Ok(b) if b.iter().all(|b| b.status == "ready" || b.status == "terminated") => return b,
             Ok(b) if Instant::now() > deadline => {
                 let stuck: Vec<String> = b
                     .iter()
