@@ -58,9 +58,7 @@ pub async fn clean_up(c: &Controller) {
     for _ in 0..CLEANUP_CALLS {
         match c.store().cleanup(&policy).await {
             Ok(r) => {
-                total.backends += r.backends;
-                total.tokens += r.tokens;
-                total.status_entries += r.status_entries;
+                total += r;
                 if r.backends < u64::from(CLEANUP_BATCH) && r.tokens < u64::from(CLEANUP_BATCH) {
                     break;
                 }

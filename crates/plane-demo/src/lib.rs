@@ -275,7 +275,7 @@ fn room_json(room: &Room) -> String {
     serde_json::to_string(room).unwrap_or_else(|_| "{}".to_owned())
 }
 
-fn now_millis() -> u64 {
+pub(crate) fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

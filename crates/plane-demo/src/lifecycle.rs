@@ -8,9 +8,9 @@
 //! two backends of one key were alive at once.
 
 use anyhow::Context;
+use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// One line of `lifecycle.jsonl`.
@@ -53,26 +53,11 @@ pub fn lock_path(dir: &Path, key: &str) -> PathBuf {
     dir.join("locks").join(format!("{name}.lock"))
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
 fn append(log: &Path, event: &LifecycleEvent) -> anyhow::Result<()> {
-    let mut line = serde_json::to_vec(event)?;
-    line.push(b'\n');
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("cannot open {}", log.display()))?;
     // One write of one short line to an O_APPEND file: lines of concurrent backends
     // do not interleave.
-    f.write_all(&line)?;
-    f.sync_data()?;
-    Ok(())
+    let line = format!("{}\n", serde_json::to_string(event)?);
+    crate::signals::append_synced(log, &line).with_context(|| format!("cannot append to {}", log.display()))
 }
 
 impl Lifecycle {
@@ -93,14 +78,19 @@ impl Lifecycle {
             .write(true)
             .open(&lock_file)
             .with_context(|| format!("cannot open {}", lock_file.display()))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).ok();
+        // Only "held by someone else" means another backend; any other error is one.
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Some(lock),
+            Err((_, Errno::EWOULDBLOCK)) => None,
+            Err((_, errno)) => anyhow::bail!("cannot lock {}: {errno}", lock_file.display()),
+        };
         let event = LifecycleEvent {
             event: "start".into(),
             key,
             backend: var("SESSION_BACKEND_ID"),
             token: var("SESSION_BACKEND_FENCING_TOKEN").parse().unwrap_or(-1),
             pid: std::process::id(),
-            time: now_ms(),
+            time: crate::now_millis(),
             exclusive: lock.is_some(),
         };
         let log = dir.join("lifecycle.jsonl");
@@ -118,7 +108,7 @@ impl Lifecycle {
     /// Records a graceful stop (the lock goes with the process).
     pub fn stop(mut self) {
         self.event.event = "stop".into();
-        self.event.time = now_ms();
+        self.event.time = crate::now_millis();
         self.event.exclusive = true;
         if let Err(err) = append(&self.log, &self.event) {
             tracing::warn!(%err, "cannot record the stop in DEMO_LIFECYCLE_DIR");

@@ -126,7 +126,7 @@ fn handle(signal: Signal, config: &SignalConfig, log: &SignalLog, unix_ms: u64, 
 }
 
 /// Appends `line` to the file at `path` (creating it) and waits until it is on disk.
-fn append_synced(path: &Path, line: &str) -> std::io::Result<()> {
+pub(crate) fn append_synced(path: &Path, line: &str) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     file.write_all(line.as_bytes())?;
     file.sync_all()

@@ -153,9 +153,8 @@ impl RouteCache {
 
     /// The socket is up: clear the cache, remember the outbox and re-issue pending lookups.
     pub(crate) fn connected(&self, outbox: Outbox) {
+        self.clear();
         let mut st = self.lock();
-        st.routes.clear();
-        st.by_backend.clear();
         st.outbox = Some(outbox);
         st.pending.retain(|_, p| {
             p.waiters.retain(|w| !w.is_closed());

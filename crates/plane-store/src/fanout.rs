@@ -47,8 +47,8 @@ pub trait FanoutListener: Send {
 
 /// Fan-out through the PostgreSQL store's database.
 pub struct PgFanout {
-    /// Sends go through the store's pool.
-    pool: PgPool,
+    /// Sends go through the store's pool, each bounded like any store call.
+    store: PostgresStore,
     /// Listeners get a connection of their own, outside the store's pool.
     listen: PgPool,
 }
@@ -62,7 +62,7 @@ impl PgFanout {
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(store.connect.clone().application_name("plane-controller-listener"));
         PgFanout {
-            pool: store.pool.clone(),
+            store: store.clone(),
             listen,
         }
     }
@@ -80,22 +80,30 @@ impl Fanout for PgFanout {
         if payloads.is_empty() {
             return Ok(());
         }
-        // WITH ORDINALITY keeps the array's order.
-        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i")
-            .bind(CHANNEL)
-            .bind(payloads)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.store
+            .bounded("notify", async {
+                // WITH ORDINALITY keeps the array's order.
+                sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i")
+                    .bind(CHANNEL)
+                    .bind(payloads)
+                    .execute(&self.store.pool)
+                    .await?;
+                Ok(())
+            })
+            .await
     }
 
     async fn listen(&self) -> StoreResult<Box<dyn FanoutListener>> {
-        let mut listener = PgListener::connect_with(&self.listen).await?;
-        // Reconnection is the caller's job (it must resync after), so a lost connection
-        // must surface as an error rather than be mended silently.
-        listener.eager_reconnect(false);
-        listener.listen(CHANNEL).await?;
-        Ok(Box::new(PgFanoutListener { listener }))
+        self.store
+            .bounded("listen", async {
+                let mut listener = PgListener::connect_with(&self.listen).await?;
+                // Reconnection is the caller's job (it must resync after), so a lost
+                // connection must surface as an error rather than be mended silently.
+                listener.eager_reconnect(false);
+                listener.listen(CHANNEL).await?;
+                Ok(Box::new(PgFanoutListener { listener }) as Box<dyn FanoutListener>)
+            })
+            .await
     }
 }
 

@@ -339,6 +339,14 @@ impl CleanupReport {
     }
 }
 
+impl std::ops::AddAssign for CleanupReport {
+    fn add_assign(&mut self, other: CleanupReport) {
+        self.backends += other.backends;
+        self.tokens += other.tokens;
+        self.status_entries += other.status_entries;
+    }
+}
+
 /// The store interface of the controller. Each method is atomic.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

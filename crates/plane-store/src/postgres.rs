@@ -217,7 +217,7 @@ impl PostgresStore {
     }
 
     /// Runs one store call, bounded by the call timeout.
-    async fn bounded<T>(&self, what: &str, call: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+    pub(crate) async fn bounded<T>(&self, what: &str, call: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
         match tokio::time::timeout(self.call_timeout, call).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Database(format!(

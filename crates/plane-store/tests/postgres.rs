@@ -912,9 +912,7 @@ async fn concurrent_cleanups_delete_each_row_once() {
                 if r.is_empty() {
                     return (total, calls);
                 }
-                total.backends += r.backends;
-                total.tokens += r.tokens;
-                total.status_entries += r.status_entries;
+                total += r;
             }
         }));
     }
@@ -952,9 +950,7 @@ async fn concurrent_cleanups_delete_each_row_once() {
     for c in cleaners {
         let (t, calls) = c.await.unwrap();
         eprintln!("cleaner: {t:?} in {calls} calls");
-        total.backends += t.backends;
-        total.tokens += t.tokens;
-        total.status_entries += t.status_entries;
+        total += t;
     }
     done.store(true, Ordering::SeqCst);
     let rounds = disturbers.await.unwrap();
@@ -965,9 +961,7 @@ async fn concurrent_cleanups_delete_each_row_once() {
         if r.is_empty() {
             break;
         }
-        total.backends += r.backends;
-        total.tokens += r.tokens;
-        total.status_entries += r.status_entries;
+        total += r;
     }
     assert_eq!(total, expected, "every row deleted once");
     for id in &doomed {

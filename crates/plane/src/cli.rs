@@ -2,7 +2,7 @@
 //!
 //! Server roles (`controller`, `drone`, `drone-watchdog`, `proxy`, `dev`) are dispatched
 //! to `roles`; the demo backend to `plane_demo`. Client commands (`connect`, `status`,
-//! `terminate`, `drain`, `cluster-state`, `revoke`) talk to a controller through
+//! `terminate`, `drain`, `undrain`, `cluster-state`, `revoke`) talk to a controller through
 //! `plane_client` and are implemented here. Results go to stdout, errors are returned to
 //! `main`.
 
