@@ -17,7 +17,7 @@ use plane_types::api::{
     RevokeRequest, StatusResponse,
 };
 use plane_types::names::{BackendName, DroneName};
-use plane_types::protocol::{ControllerToProxy, DRONE_SOCKET_PATH, PROXY_SOCKET_PATH};
+use plane_types::protocol::{AcmeTxt, ControllerToProxy, DRONE_SOCKET_PATH, PROXY_SOCKET_PATH};
 use plane_types::status::{BackendStatus, StatusEntry, TerminationKind, TerminationReason};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -37,7 +37,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/pub/b/{backend}/status", get(backend_status))
         .route("/pub/b/{backend}/status-stream", get(status_stream))
         .layer(cors);
-    Router::new()
+    let control = Router::new()
         .route("/ctrl/status", get(controller_status))
         .route("/ctrl/connect", post(connect))
         .route("/ctrl/c/{cluster}/state", get(cluster_state))
@@ -49,6 +49,12 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/ctrl/b/{backend}/metrics", get(backend_metrics))
         .route(DRONE_SOCKET_PATH, get(crate::drone_socket::handler))
         .route(PROXY_SOCKET_PATH, get(crate::proxy_socket::handler))
+        .route("/ctrl/c/{cluster}/acme-txt", get(acme_txt))
+        .route_layer(axum::middleware::from_fn_with_state(
+            controller.clone(),
+            crate::auth::require,
+        ));
+    control
         // Before the merge: the CORS layer of the public routes answers their preflights.
         .method_not_allowed_fallback(method_not_allowed)
         .merge(public)
@@ -66,6 +72,14 @@ async fn method_not_allowed() -> HttpError {
         ApiErrorKind::Other,
         "method not allowed on this route",
     )
+}
+
+/// The `_acme-challenge` TXT values of a cluster, for DNS servers.
+async fn acme_txt(State(c): AppState, ApiPath(cluster): ApiPath<String>) -> Result<Json<AcmeTxt>, HttpError> {
+    let cluster = path_cluster(&cluster)?;
+    Ok(Json(AcmeTxt {
+        values: c.store().acme_txt(&cluster).await?,
+    }))
 }
 
 async fn controller_status(State(c): AppState) -> Result<Json<StatusResponse>, HttpError> {

@@ -22,6 +22,13 @@ pub struct ControllerConfig {
     pub controller_url: String,
     /// Timings.
     pub timings: ControllerTimings,
+    /// The bearer token `/ctrl/*` requires (see [`crate::auth`]); `None`: none.
+    pub ctrl_token: Option<String>,
+    /// The forward-auth service `/ctrl/*` requests are checked against, if any.
+    pub forward_auth: Option<crate::auth::ForwardAuth>,
+    /// How long connection tokens stay valid after they are issued; `None`: for the
+    /// backend's life (as in Plane 0.5). Static tokens never expire.
+    pub token_ttl: Option<Duration>,
 }
 
 /// The controller's timings; tests shorten them.
@@ -68,6 +75,9 @@ impl ControllerConfig {
             default_cluster,
             controller_url: controller_url.into().trim_end_matches('/').to_owned(),
             timings: ControllerTimings::default(),
+            ctrl_token: None,
+            forward_auth: None,
+            token_ttl: None,
         }
     }
 }

@@ -291,6 +291,7 @@ impl Controller {
                     user: req.user.clone(),
                     auth: req.auth.clone(),
                     secret_token: None,
+                    ttl: None,
                 })
                 .await?;
             return Ok((st.to_owned(), None));
@@ -304,6 +305,7 @@ impl Controller {
                 user: req.user.clone(),
                 auth: req.auth.clone(),
                 secret_token: Some(secret.clone()),
+                ttl: self.config.token_ttl,
             })
             .await?;
         Ok((token, Some(secret)))

@@ -13,6 +13,7 @@
 //! logic runs; every failure leaves as an `ApiError` body with a status code.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod connect;
 pub mod drone_socket;

@@ -13,7 +13,8 @@ use axum::response::Response;
 use futures_util::StreamExt;
 use plane_store::ProxyRegistration;
 use plane_types::protocol::{
-    ControllerToProxy, ProxyHello, ProxyToController, RouteInfo, RouteResult, PROTOCOL_VERSION,
+    ControllerToProxy, IssuanceOp, ProxyHello, ProxyToController, RouteInfo, RouteResult, ISSUANCE_LEASE,
+    PROTOCOL_VERSION,
 };
 use plane_types::status::BackendStatus;
 use std::sync::Arc;
@@ -84,6 +85,17 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
                             tracing::warn!(error = %e, "cannot record keepalives");
                         }
                     }
+                    Ok(ProxyToController::Issuance { request_id, op }) => {
+                        // The proxy waits for each step's reply before the next one.
+                        let (c, tx, hello) = (c.clone(), tx.clone(), hello.clone());
+                        lookups.spawn(async move {
+                            let (ok, error) = match issuance(&c, &hello, op).await {
+                                Ok(ok) => (ok, None),
+                                Err(e) => (false, Some(e)),
+                            };
+                            let _ = tx.send(ControllerToProxy::IssuanceReply { request_id, ok, error });
+                        });
+                    }
                     Ok(ProxyToController::Hello(_)) => tracing::warn!(proxy = %hello.name, "ignoring a second Hello"),
                     Err(e) => tracing::warn!(proxy = %hello.name, error = %e, "ignoring an invalid message from a proxy"),
                 }
@@ -98,6 +110,29 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
         tracing::warn!(proxy = %hello.name, error = %e, "cannot record proxy disconnect");
     }
     tracing::info!(proxy = %hello.name, "proxy disconnected");
+}
+
+/// Does one step of certificate issuance for the proxy `hello` describes: whether it
+/// holds the lease, or whether the step took effect. A store error is reported to the
+/// proxy (it retries) and logged.
+async fn issuance(c: &Controller, hello: &ProxyHello, op: IssuanceOp) -> Result<bool, String> {
+    let store = c.store();
+    let (cluster, proxy) = (&hello.cluster, &hello.name);
+    let result = match &op {
+        IssuanceOp::Acquire => store.acquire_cert_lease(cluster, proxy, ISSUANCE_LEASE).await,
+        IssuanceOp::SetTxt { values } => store.set_acme_txt(cluster, proxy, values).await,
+        IssuanceOp::Release => store.release_cert_lease(cluster, proxy).await.map(|()| true),
+    };
+    match result {
+        Ok(ok) => {
+            tracing::info!(%proxy, %cluster, ?op, ok, "certificate issuance step");
+            Ok(ok)
+        }
+        Err(e) => {
+            tracing::warn!(%proxy, %cluster, ?op, error = %e, "certificate issuance step failed");
+            Err(format!("the controller's store failed: {e}"))
+        }
+    }
 }
 
 /// Where a token routes, waiting (bounded) for a starting backend to become ready.
@@ -126,6 +161,7 @@ pub async fn route(c: &Controller, token: &str) -> RouteResult {
                     user: r.user,
                     user_data: r.user_data,
                     subdomain: r.subdomain,
+                    expires_in_ms: r.expires_in.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX)),
                 });
             }
         }

@@ -17,6 +17,8 @@ pub struct DroneConfig {
     /// `ws(s)://…` + [`plane_types::protocol::DRONE_SOCKET_PATH`]; `http`/`ws` give
     /// plain WebSocket, `https`/`wss` TLS.
     pub controller_url: String,
+    /// Sent as `Authorization: Bearer <token>` to the controller (its `--ctrl-token`).
+    pub ctrl_token: Option<String>,
     /// The drone's name. `None`: the name stored in the state database, or a new random
     /// one that is then stored, so that a restarted drone keeps its identity (and with it
     /// the backends the controller believes it runs).

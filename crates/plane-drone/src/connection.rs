@@ -79,6 +79,8 @@ pub(crate) struct Identity {
     pub name: DroneName,
     pub cluster: ClusterName,
     pub pool: String,
+    /// The controller's `--ctrl-token`, if it has one.
+    pub ctrl_token: Option<String>,
 }
 
 /// How a connection ended.
@@ -188,6 +190,23 @@ fn parse_frame(
     }
 }
 
+/// The WebSocket request to `url`, with the control-API bearer token if there is one.
+fn socket_request(
+    url: &str,
+    ctrl_token: Option<&str>,
+) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
+    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+    if let Some(token) = ctrl_token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the control-API token is not a valid header value".to_owned())?;
+        request.headers_mut().insert(AUTHORIZATION, value);
+    }
+    Ok(request)
+}
+
 async fn session(
     url: &str,
     identity: &Identity,
@@ -198,7 +217,11 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let lost = |welcomed: bool, error: String| SessionEnd::Lost { welcomed, error };
-    let connect = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url));
+    let request = match socket_request(url, identity.ctrl_token.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return lost(false, format!("connecting to {url}: {e}")),
+    };
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request));
     let mut ws = tokio::select! {
         _ = shutdown.cancelled() => return SessionEnd::Shutdown,
         r = connect => match r {

@@ -183,6 +183,7 @@ async fn run_with_store(
             name,
             cluster: config.cluster.clone(),
             pool: config.pool.clone(),
+            ctrl_token: config.ctrl_token.clone(),
         };
         info!(controllers = ?urls, "drone starting");
         let result = connection::run(&urls, &identity, &mut drone, store, &mut rx, &config.timings, &shutdown).await;

@@ -654,6 +654,7 @@ fn drone_config(controller: &ScriptedController, dir: &TempDir) -> DroneConfig {
         docker: None,
         timings: timings(),
         event_journal: None,
+        ctrl_token: None,
     }
 }
 

@@ -33,6 +33,7 @@ fn config(dir: &tempfile::TempDir, controller: String, name: &DroneName, allow: 
         docker: Some(DockerRuntimeConfig::default()),
         timings: DroneTimings::default(),
         event_journal: None,
+        ctrl_token: None,
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
@@ -82,6 +83,8 @@ enum SessionError {
     WrongVersion(u32),
     #[error("no frame from the controller for {0:?}")]
     Silent(Duration),
+    #[error("the control-API token is not a valid header value")]
+    BadToken,
 }
 
 impl From<tokio_tungstenite::tungstenite::Error> for SessionError {
@@ -105,6 +108,7 @@ pub(crate) async fn maintain(shared: Arc<Shared>, socket_urls: Vec<String>, shut
             r = session(&shared, socket_url, &shutdown, &mut welcomed) => Some(r),
         };
         shared.routes.disconnected();
+        shared.issuance.disconnected();
         shared.connected.send_replace(false);
         if welcomed {
             backoff.reset();
@@ -139,9 +143,14 @@ async fn session(
     shutdown: &CancellationToken,
     welcomed: &mut bool,
 ) -> Result<(), SessionError> {
+    let mut request = url.into_client_request()?;
+    if let Some(token) = &shared.config.ctrl_token {
+        let value = format!("Bearer {token}").parse().map_err(|_| SessionError::BadToken)?;
+        request.headers_mut().insert(http::header::AUTHORIZATION, value);
+    }
     let (mut ws, _) = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(url, None, true),
+        tokio_tungstenite::connect_async_with_config(request, None, true),
     )
     .await
     .map_err(|_| SessionError::ConnectTimeout)??;
@@ -161,6 +170,7 @@ async fn session(
     info!(%controller, proxy = %config.name, cluster = %config.cluster, "connected to controller");
 
     let (outbox, mut outgoing) = mpsc::unbounded_channel();
+    shared.issuance.connected(outbox.clone());
     shared.routes.connected(outbox);
     shared.connected.send_replace(true);
 
@@ -240,6 +250,9 @@ fn handle_message(shared: &Shared, msg: ControllerToProxy) -> Result<(), Session
         ControllerToProxy::BackendRemoved { backend_id } => shared.routes.remove_backend(&backend_id),
         ControllerToProxy::TokenRevoked { token } => shared.routes.remove_token(&token),
         ControllerToProxy::ResetRoutes => shared.routes.clear(),
+        ControllerToProxy::IssuanceReply { request_id, ok, error } => {
+            shared.issuance.handle_reply(request_id, ok, error)
+        }
         ControllerToProxy::Reject { message } => return Err(SessionError::Rejected(message)),
         ControllerToProxy::Welcome { .. } => warn!("repeated Welcome from controller; ignored"),
     }

@@ -40,8 +40,30 @@ pub(crate) enum HostMatch {
 /// Matches a Host (full `host[:port]`, case-insensitive) against the cluster name.
 /// `None` means the Host belongs to another site.
 pub(crate) fn match_host(host: &str, cluster: &ClusterName) -> Option<HostMatch> {
+    match_names(host, cluster.as_str())
+}
+
+/// Like [`match_host`], but ignoring the ports of both: for the HTTP port of an HTTPS
+/// proxy, which clients reach on another port than the cluster name's.
+pub(crate) fn match_hostname(host: &str, cluster: &ClusterName) -> Option<HostMatch> {
+    match_names(strip_port(host), strip_port(cluster.as_str()))
+}
+
+/// The host of `host[:port]` (an IPv6 literal keeps its brackets).
+pub(crate) fn strip_port(host: &str) -> &str {
+    let port_at = if host.starts_with('[') {
+        host.find("]:").map(|i| i + 1)
+    } else {
+        host.rfind(':')
+    };
+    match port_at {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+fn match_names(host: &str, cluster: &str) -> Option<HostMatch> {
     let host = host.to_ascii_lowercase();
-    let cluster = cluster.as_str();
     if host == cluster {
         return Some(HostMatch::Cluster);
     }
@@ -98,8 +120,8 @@ pub(crate) fn set_verified(headers: &mut HeaderMap, route: &RouteInfo, original_
 }
 
 /// Appends the client address to `x-forwarded-for` (merging repeated headers) and sets
-/// `x-forwarded-proto: http`.
-pub(crate) fn set_forwarded(headers: &mut HeaderMap, client: IpAddr) {
+/// `x-forwarded-proto` (`https` if the client came over TLS, else `http`).
+pub(crate) fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool) {
     let client = client.to_canonical().to_string();
     let mut parts: Vec<String> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -114,7 +136,8 @@ pub(crate) fn set_forwarded(headers: &mut HeaderMap, client: IpAddr) {
     if let Ok(v) = HeaderValue::from_str(&parts.join(", ")).or_else(|_| HeaderValue::from_str(&client)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if tls { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
@@ -228,6 +251,27 @@ mod tests {
     }
 
     #[test]
+    fn hostnames_ignore_ports() {
+        use HostMatch::*;
+        let c = cluster("plane.test:8443");
+        assert_eq!(match_hostname("plane.test", &c), Some(Cluster));
+        assert_eq!(match_hostname("Plane.Test:80", &c), Some(Cluster));
+        assert_eq!(match_hostname("app.plane.test:8080", &c), Some(Subdomain("app".into())));
+        assert_eq!(match_hostname("evil.test", &c), None);
+        assert_eq!(match_hostname("xplane.test", &c), None);
+        for (host, expected) in [
+            ("a.test", "a.test"),
+            ("a.test:80", "a.test"),
+            ("a.test:", "a.test"),
+            ("[::1]:8080", "[::1]"),
+            ("[::1]", "[::1]"),
+            ("a.test:x", "a.test:x"),
+        ] {
+            assert_eq!(strip_port(host), expected, "{host}");
+        }
+    }
+
+    #[test]
     fn subdomain_rules() {
         let sub = |s: &str| HostMatch::Subdomain(s.into());
         assert!(subdomain_allowed(&HostMatch::Cluster, None));
@@ -245,6 +289,7 @@ mod tests {
             user: Some("auser123".into()),
             user_data: Some(json!({"access": "readonly", "email": "a@example.com"})),
             subdomain: None,
+            expires_in_ms: None,
         }
     }
 
@@ -285,7 +330,7 @@ mod tests {
     fn forwarded_for_appends() {
         let ip: IpAddr = "10.0.0.7".parse().unwrap();
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, ip);
+        set_forwarded(&mut h, ip, false);
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.7");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
 
@@ -293,13 +338,13 @@ mod tests {
         h.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1, 2.2.2.2"));
         h.append(X_FORWARDED_FOR, HeaderValue::from_static("3.3.3.3"));
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        set_forwarded(&mut h, ip);
+        set_forwarded(&mut h, ip, true);
         assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.7");
-        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
 
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, "::ffff:10.1.2.3".parse().unwrap());
+        set_forwarded(&mut h, "::ffff:10.1.2.3".parse().unwrap(), false);
         assert_eq!(h[X_FORWARDED_FOR], "10.1.2.3");
     }
 

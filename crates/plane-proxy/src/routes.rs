@@ -7,6 +7,9 @@
 //!   re-issues every pending lookup (and clears the cache, since invalidations may have
 //!   been missed while disconnected).
 //! * Only `Ready` answers are cached; `BackendRemoved` and `TokenRevoked` evict.
+//! * A cached route is used until the token expires (the controller says how long it
+//!   has left) and at most [`RouteCache::max_age`]; then the controller is asked again.
+//!   The age limit bounds how long a missed invalidation can last.
 
 use plane_types::names::BackendName;
 use plane_types::protocol::{ProxyToController, RouteInfo, RouteResult};
@@ -34,15 +37,31 @@ pub(crate) enum Lookup {
     TimedOut,
 }
 
+/// How long a cached route is used at most, by default.
+pub const DEFAULT_ROUTE_MAX_AGE: Duration = Duration::from_secs(60);
+
 /// The cache shared by every request and the controller connection.
-#[derive(Default)]
 pub(crate) struct RouteCache {
     state: Mutex<State>,
+    /// The longest a cached route is used before the controller is asked again.
+    max_age: Duration,
+}
+
+impl Default for RouteCache {
+    fn default() -> Self {
+        RouteCache::new(DEFAULT_ROUTE_MAX_AGE)
+    }
+}
+
+/// A cached route and until when it may be used.
+struct Cached {
+    route: Arc<RouteInfo>,
+    until: Instant,
 }
 
 #[derive(Default)]
 struct State {
-    routes: HashMap<String, Arc<RouteInfo>>,
+    routes: HashMap<String, Cached>,
     /// Index of `routes` by backend, for eviction.
     by_backend: HashMap<BackendName, HashSet<String>>,
     pending: HashMap<String, Pending>,
@@ -71,17 +90,17 @@ impl State {
         }
     }
 
-    fn insert_route(&mut self, token: String, route: Arc<RouteInfo>) {
+    fn insert_route(&mut self, token: String, route: Arc<RouteInfo>, until: Instant) {
         self.remove_route(&token);
         self.by_backend
             .entry(route.backend_id.clone())
             .or_default()
             .insert(token.clone());
-        self.routes.insert(token, route);
+        self.routes.insert(token, Cached { route, until });
     }
 
     fn remove_route(&mut self, token: &str) -> Option<Arc<RouteInfo>> {
-        let old = self.routes.remove(token)?;
+        let old = self.routes.remove(token)?.route;
         if let Some(tokens) = self.by_backend.get_mut(&old.backend_id) {
             tokens.remove(token);
             if tokens.is_empty() {
@@ -93,6 +112,14 @@ impl State {
 }
 
 impl RouteCache {
+    /// An empty cache whose routes are used for at most `max_age`.
+    pub(crate) fn new(max_age: Duration) -> Self {
+        RouteCache {
+            state: Mutex::default(),
+            max_age,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -102,8 +129,13 @@ impl RouteCache {
     pub(crate) async fn lookup(&self, token: &str, wait: Duration) -> Lookup {
         let rx = {
             let mut st = self.lock();
-            if let Some(route) = st.routes.get(token) {
-                return Lookup::Ready(route.clone());
+            match st.routes.get(token) {
+                Some(c) if Instant::now() < c.until => return Lookup::Ready(c.route.clone()),
+                // Expired or too old: ask the controller again.
+                Some(_) => {
+                    st.remove_route(token);
+                }
+                None => {}
             }
             let (tx, rx) = oneshot::channel();
             let resend = match st.pending.get_mut(token) {
@@ -183,8 +215,13 @@ impl RouteCache {
         let mut st = self.lock();
         let lookup = match result {
             RouteResult::Ready(route) => {
+                let now = Instant::now();
+                let mut until = now + self.max_age;
+                if let Some(ms) = route.expires_in_ms {
+                    until = until.min(now + Duration::from_millis(ms));
+                }
                 let route = Arc::new(route);
-                st.insert_route(token.clone(), route.clone());
+                st.insert_route(token.clone(), route.clone(), until);
                 Lookup::Ready(route)
             }
             RouteResult::Gone => Lookup::Gone,
@@ -229,7 +266,7 @@ impl RouteCache {
             .get(backend)
             .into_iter()
             .flatten()
-            .filter(|t| st.routes.get(*t).is_some_and(|r| r.address == address))
+            .filter(|t| st.routes.get(*t).is_some_and(|c| c.route.address == address))
             .cloned()
             .collect();
         for t in stale {
@@ -240,7 +277,7 @@ impl RouteCache {
     /// The cached route of a token.
     #[cfg(test)]
     pub(crate) fn cached(&self, token: &str) -> Option<Arc<RouteInfo>> {
-        self.lock().routes.get(token).cloned()
+        self.lock().routes.get(token).map(|c| c.route.clone())
     }
 
     /// How many tokens have a lookup in progress.
@@ -272,6 +309,7 @@ pub(crate) mod tests {
             user: None,
             user_data: None,
             subdomain: None,
+            expires_in_ms: None,
         }
     }
 
@@ -408,5 +446,38 @@ pub(crate) mod tests {
         cache.remove_unreachable(&"b2".parse().unwrap(), SocketAddr::from(([127, 0, 0, 1], 2)));
         assert!(cache.cached("t4").is_none());
         assert!(cache.cached("t5").is_some());
+    }
+
+    /// A cached route is used until its token expires, and at most `max_age`; then the
+    /// next lookup asks the controller again.
+    #[tokio::test(start_paused = true)]
+    async fn cached_routes_expire_with_their_token_and_their_age() {
+        let cache = Arc::new(RouteCache::new(Duration::from_secs(60)));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        cache.connected(tx);
+        let mut expiring = route("b1", 1);
+        expiring.expires_in_ms = Some(1_000);
+        cache.handle_route("short".into(), RouteResult::Ready(expiring));
+        cache.handle_route("long".into(), RouteResult::Ready(route("b1", 1)));
+        assert!(matches!(cache.lookup("short", WAIT).await, Lookup::Ready(_)));
+        assert!(rx.try_recv().is_err(), "a fresh cached route needs no request");
+
+        tokio::time::advance(Duration::from_millis(1_001)).await;
+        let short = spawn_lookup(&cache, "short");
+        eventually("the expired token is asked about", || cache.waiter_count("short") == 1).await;
+        assert_eq!(expect_request(&mut rx), "short");
+        cache.handle_route("short".into(), RouteResult::Gone);
+        assert_eq!(short.await, Lookup::Gone);
+        assert!(cache.cached("short").is_none());
+        // The token without expiry is still served from the cache...
+        assert!(matches!(cache.lookup("long", WAIT).await, Lookup::Ready(_)));
+        assert!(rx.try_recv().is_err());
+        // ...until it is older than the cache's age limit.
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let long = spawn_lookup(&cache, "long");
+        eventually("the old route is asked about", || cache.waiter_count("long") == 1).await;
+        assert_eq!(expect_request(&mut rx), "long");
+        cache.handle_route("long".into(), RouteResult::Ready(route("b1", 1)));
+        assert!(matches!(long.await, Lookup::Ready(_)));
     }
 }

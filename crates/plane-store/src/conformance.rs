@@ -9,7 +9,7 @@ use crate::{
 };
 use plane_types::api::KeyConfig;
 use plane_types::executable::{Executable, RuntimeKind};
-use plane_types::names::{BackendName, ClusterName, DroneName};
+use plane_types::names::{BackendName, ClusterName, DroneName, ProxyName};
 use plane_types::status::{BackendStatus, StatusEntry, TerminationKind, TerminationReason};
 use plane_types::EpochMillis;
 use std::future::Future;
@@ -35,6 +35,8 @@ where
     cleanup_deletes_old_terminated_backends_and_what_refers_to_them(make().await).await;
     cleanup_keeps_backends_terminated_within_the_retention(make().await).await;
     cleanup_is_bounded_by_the_batch(make().await).await;
+    tokens_expire(make().await).await;
+    cert_lease_is_exclusive_and_carries_txt_values(make().await).await;
 }
 
 /// The cluster every fixture uses.
@@ -117,6 +119,7 @@ pub async fn token(store: &dyn Store, token: &str, backend: &BackendName, user: 
             user: Some(user.into()),
             auth: None,
             secret_token: Some(format!("secret-{token}")),
+            ttl: None,
         })
         .await
         .unwrap();
@@ -415,6 +418,7 @@ async fn tokens_route_and_revoke(store: SharedStore) {
                 user: Some(user.into()),
                 auth: Some(serde_json::json!({"role": user})),
                 secret_token: Some(format!("secret-{tok}")),
+                ttl: None,
             })
             .await
             .unwrap();
@@ -427,6 +431,7 @@ async fn tokens_route_and_revoke(store: SharedStore) {
             user: Some("mallory".into()),
             auth: None,
             secret_token: None,
+            ttl: None,
         })
         .await
         .unwrap();
@@ -852,4 +857,83 @@ async fn cleanup_is_bounded_by_the_batch(store: SharedStore) {
     // The live backend was never touched.
     assert_eq!(store.route("t-live").await.unwrap().unwrap().backend_id, live.id);
     assert_eq!(store.status_history(&live.id).await.unwrap().len(), 1);
+}
+
+async fn tokens_expire(store: SharedStore) {
+    let d = drone(&*store, "dr-one").await;
+    store.create_backend(&new_backend("b1", &d, "k")).await.unwrap();
+    let id: BackendName = "b1".parse().unwrap();
+    for (tok, ttl) in [
+        ("short", Some(Duration::from_millis(300))),
+        ("long", Some(Duration::from_secs(3600))),
+        ("none", None),
+    ] {
+        store
+            .insert_token(&NewToken {
+                token: tok.into(),
+                backend_id: id.clone(),
+                user: None,
+                auth: None,
+                secret_token: None,
+                ttl,
+            })
+            .await
+            .unwrap();
+    }
+    let long = store.route("long").await.unwrap().unwrap().expires_in.unwrap();
+    assert!(
+        long > Duration::from_secs(3590) && long <= Duration::from_secs(3600),
+        "{long:?}"
+    );
+    assert_eq!(store.route("none").await.unwrap().unwrap().expires_in, None);
+    let short = store.route("short").await.unwrap().unwrap().expires_in.unwrap();
+    assert!(short <= Duration::from_millis(300), "{short:?}");
+    // Past its expiry (store clock) the token no longer routes; the others still do.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.route("short").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the expired token still routes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store.route("long").await.unwrap().is_some());
+    assert!(store.route("none").await.unwrap().is_some());
+}
+
+async fn cert_lease_is_exclusive_and_carries_txt_values(store: SharedStore) {
+    let c: ClusterName = "plane.test".parse().unwrap();
+    let other: ClusterName = "other.test".parse().unwrap();
+    let a: ProxyName = "px-a".parse().unwrap();
+    let b: ProxyName = "px-b".parse().unwrap();
+    let minute = Duration::from_secs(60);
+    assert!(store.acme_txt(&c).await.unwrap().is_empty());
+    assert!(store.acquire_cert_lease(&c, &a, minute).await.unwrap());
+    // Another proxy cannot take a live lease, nor publish values under it.
+    assert!(!store.acquire_cert_lease(&c, &b, minute).await.unwrap());
+    assert!(!store.set_acme_txt(&c, &b, &["evil".into()]).await.unwrap());
+    // The holder publishes both values at once, and extends the lease without losing them.
+    let values = vec!["v1".to_string(), "v2".to_string()];
+    assert!(store.set_acme_txt(&c, &a, &values).await.unwrap());
+    assert!(store.acquire_cert_lease(&c, &a, minute).await.unwrap());
+    assert_eq!(store.acme_txt(&c).await.unwrap(), values);
+    // Clusters are independent.
+    assert!(store.acme_txt(&other).await.unwrap().is_empty());
+    assert!(store.acquire_cert_lease(&other, &b, minute).await.unwrap());
+    // Releasing by someone else does nothing; by the holder frees it and its values.
+    store.release_cert_lease(&c, &b).await.unwrap();
+    assert_eq!(store.acme_txt(&c).await.unwrap(), values);
+    store.release_cert_lease(&c, &a).await.unwrap();
+    assert!(store.acme_txt(&c).await.unwrap().is_empty());
+    assert!(store
+        .acquire_cert_lease(&c, &b, Duration::from_millis(200))
+        .await
+        .unwrap());
+    assert!(store.set_acme_txt(&c, &b, &["b1".into()]).await.unwrap());
+    // An expired lease serves no values, can be taken over, and the new holder starts empty.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !store.acme_txt(&c).await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "an expired lease still serves its values");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!store.set_acme_txt(&c, &b, &["late".into()]).await.unwrap());
+    assert!(store.acquire_cert_lease(&c, &a, minute).await.unwrap());
+    assert!(store.acme_txt(&c).await.unwrap().is_empty());
 }

@@ -244,6 +244,9 @@ pub struct NewToken {
     pub auth: Option<serde_json::Value>,
     /// The secret passed to the backend.
     pub secret_token: Option<String>,
+    /// How long the token stays valid, from its insertion (store clock); `None`: for
+    /// the backend's life.
+    pub ttl: Option<Duration>,
 }
 
 /// A state change reported by a drone.
@@ -295,6 +298,8 @@ pub struct TokenRoute {
     pub secret_token: Option<String>,
     /// The backend's subdomain.
     pub subdomain: Option<String>,
+    /// How long the token has left (store clock, at the lookup); `None`: no expiry.
+    pub expires_in: Option<Duration>,
 }
 
 /// A termination requested by the store's sweep.
@@ -443,7 +448,7 @@ pub trait Store: Send + Sync + 'static {
     /// Requested terminations of a drone's backends not yet terminated (to re-send).
     async fn pending_terminations(&self, drone: &DroneName) -> StoreResult<Vec<Termination>>;
 
-    /// Where a token routes; `None` if unknown or revoked.
+    /// Where a token routes; `None` if unknown, revoked or expired.
     async fn route(&self, token: &str) -> StoreResult<Option<TokenRoute>>;
 
     /// Revokes a user's tokens for a backend; returns all of them, including those
@@ -475,4 +480,19 @@ pub trait Store: Send + Sync + 'static {
     /// Concurrent calls (several controllers) skip each other's rows instead of waiting,
     /// and delete every row once.
     async fn cleanup(&self, policy: &CleanupPolicy) -> StoreResult<CleanupReport>;
+
+    /// Takes or extends `cluster`'s ACME issuance lease for `holder` until `ttl` from
+    /// now. Taken only if no one holds it, its holder is `holder`, or it expired (then
+    /// the previous holder's TXT values are dropped). Returns whether `holder` holds it.
+    async fn acquire_cert_lease(&self, cluster: &ClusterName, holder: &ProxyName, ttl: Duration) -> StoreResult<bool>;
+
+    /// Replaces the `_acme-challenge` TXT values of `cluster`, if `holder` holds its
+    /// live lease; returns whether it did.
+    async fn set_acme_txt(&self, cluster: &ClusterName, holder: &ProxyName, values: &[String]) -> StoreResult<bool>;
+
+    /// Gives up `holder`'s lease of `cluster` (with its TXT values); a no-op otherwise.
+    async fn release_cert_lease(&self, cluster: &ClusterName, holder: &ProxyName) -> StoreResult<()>;
+
+    /// The TXT values of `cluster`'s live lease (empty if none).
+    async fn acme_txt(&self, cluster: &ClusterName) -> StoreResult<Vec<String>>;
 }

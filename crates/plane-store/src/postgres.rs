@@ -45,8 +45,8 @@
 //!   [`StoreError::Database`].
 
 use crate::rows::{
-    json, parse, parse_opt, status_entry, termination_of_update, to_json, upgrades_termination, KnownTermination,
-    LOST_MESSAGE,
+    duration_ms, json, ms_duration, parse, parse_opt, status_entry, termination_of_update, to_json,
+    upgrades_termination, KnownTermination, LOST_MESSAGE,
 };
 use crate::{
     ApplyOutcome, BackendRecord, BackendUpdate, CleanupPolicy, CleanupReport, CreateOutcome, DroneRecord,
@@ -860,14 +860,15 @@ impl Store for PostgresStore {
     async fn insert_token(&self, t: &NewToken) -> StoreResult<()> {
         self.bounded("insert_token", async {
             sqlx::query(
-                "INSERT INTO token (token, backend_id, username, auth, secret_token, created_at) \
-                 VALUES ($1, $2, $3, $4::json, $5, plane_now_ms()) ON CONFLICT (token) DO NOTHING",
+                "INSERT INTO token (token, backend_id, username, auth, secret_token, created_at, expires_at) \
+                 VALUES ($1, $2, $3, $4::json, $5, plane_now_ms(), plane_now_ms() + $6) ON CONFLICT (token) DO NOTHING",
             )
             .bind(&t.token)
             .bind(t.backend_id.as_str())
             .bind(&t.user)
             .bind(t.auth.as_ref().map(to_json).transpose()?)
             .bind(&t.secret_token)
+            .bind(t.ttl.map(duration_ms))
             .execute(&self.pool)
             .await?;
             Ok(())
@@ -973,14 +974,17 @@ impl Store for PostgresStore {
     async fn route(&self, token: &str) -> StoreResult<Option<TokenRoute>> {
         self.bounded("route", async {
             let row = sqlx::query(
-                "SELECT t.backend_id, t.username, t.auth::text AS auth, t.secret_token, b.status, b.address, \
-                 b.subdomain FROM token t JOIN backend b ON b.id = t.backend_id WHERE t.token = $1 AND NOT t.revoked",
+                "SELECT t.backend_id, t.username, t.auth::text AS auth, t.secret_token, \
+                 t.expires_at - now.ms AS expires_in, b.status, b.address, b.subdomain \
+                 FROM token t JOIN backend b ON b.id = t.backend_id CROSS JOIN (SELECT plane_now_ms() AS ms) now \
+                 WHERE t.token = $1 AND NOT t.revoked AND (t.expires_at IS NULL OR t.expires_at > now.ms)",
             )
             .bind(token)
             .fetch_optional(&self.pool)
             .await?;
             row.map(|row| {
                 let auth: Option<String> = row.try_get("auth")?;
+                let expires_in: Option<i64> = row.try_get("expires_in")?;
                 Ok(TokenRoute {
                     backend_id: parse("backend id", &row.try_get::<String, _>("backend_id")?)?,
                     status: parse("status", &row.try_get::<String, _>("status")?)?,
@@ -989,6 +993,7 @@ impl Store for PostgresStore {
                     user_data: auth.map(|a| json("token auth", &a)).transpose()?,
                     secret_token: row.try_get("secret_token")?,
                     subdomain: row.try_get("subdomain")?,
+                    expires_in: expires_in.map(ms_duration),
                 })
             })
             .transpose()
@@ -1058,6 +1063,68 @@ impl Store for PostgresStore {
 
     async fn cleanup(&self, policy: &CleanupPolicy) -> StoreResult<CleanupReport> {
         self.bounded("cleanup", self.cleanup_tx(policy)).await
+    }
+
+    async fn acquire_cert_lease(&self, cluster: &ClusterName, holder: &ProxyName, ttl: Duration) -> StoreResult<bool> {
+        self.bounded("acquire_cert_lease", async {
+            // One statement decides: of two proxies racing for a free lease, one wins.
+            let rows = sqlx::query(
+                "INSERT INTO cert_lease (cluster, holder, expires_at) VALUES ($1, $2, plane_now_ms() + $3) \
+                 ON CONFLICT (cluster) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at, \
+                   txt_values = CASE WHEN cert_lease.holder = excluded.holder THEN cert_lease.txt_values ELSE '[]' END \
+                 WHERE cert_lease.holder = excluded.holder OR cert_lease.expires_at <= plane_now_ms()",
+            )
+            .bind(cluster.as_str())
+            .bind(holder.as_str())
+            .bind(duration_ms(ttl))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            Ok(rows > 0)
+        })
+        .await
+    }
+
+    async fn set_acme_txt(&self, cluster: &ClusterName, holder: &ProxyName, values: &[String]) -> StoreResult<bool> {
+        self.bounded("set_acme_txt", async {
+            let rows = sqlx::query(
+                "UPDATE cert_lease SET txt_values = $3 \
+                 WHERE cluster = $1 AND holder = $2 AND expires_at > plane_now_ms()",
+            )
+            .bind(cluster.as_str())
+            .bind(holder.as_str())
+            .bind(to_json(&values)?)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            Ok(rows > 0)
+        })
+        .await
+    }
+
+    async fn release_cert_lease(&self, cluster: &ClusterName, holder: &ProxyName) -> StoreResult<()> {
+        self.bounded("release_cert_lease", async {
+            sqlx::query("DELETE FROM cert_lease WHERE cluster = $1 AND holder = $2")
+                .bind(cluster.as_str())
+                .bind(holder.as_str())
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn acme_txt(&self, cluster: &ClusterName) -> StoreResult<Vec<String>> {
+        self.bounded("acme_txt", async {
+            let values: Option<String> = sqlx::query_scalar(
+                "SELECT txt_values FROM cert_lease WHERE cluster = $1 AND expires_at > plane_now_ms()",
+            )
+            .bind(cluster.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+            values.map_or(Ok(Vec::new()), |v| json("TXT values", &v))
+        })
+        .await
     }
 }
 

@@ -100,6 +100,16 @@ pub(crate) fn termination_of_update(
     )
 }
 
+/// A duration as stored: whole milliseconds (saturating).
+pub(crate) fn duration_ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A stored "time left" in milliseconds as a duration (negative is zero).
+pub(crate) fn ms_duration(ms: i64) -> std::time::Duration {
+    std::time::Duration::from_millis(ms.max(0) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,8 +5,8 @@
 //! The store's clock is this process's wall clock.
 
 use crate::rows::{
-    json, parse, parse_opt, status_entry, termination_of_update, to_json, upgrades_termination, KnownTermination,
-    LOST_MESSAGE,
+    duration_ms, json, ms_duration, parse, parse_opt, status_entry, termination_of_update, to_json,
+    upgrades_termination, KnownTermination, LOST_MESSAGE,
 };
 use crate::{
     ApplyOutcome, BackendRecord, BackendUpdate, CleanupPolicy, CleanupReport, CreateOutcome, DroneRecord,
@@ -430,8 +430,8 @@ impl Store for SqliteStore {
 
     async fn insert_token(&self, t: &NewToken) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO token (token, backend_id, username, auth, secret_token, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (token) DO NOTHING",
+            "INSERT INTO token (token, backend_id, username, auth, secret_token, created_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6 + ?7) ON CONFLICT (token) DO NOTHING",
         )
         .bind(&t.token)
         .bind(t.backend_id.as_str())
@@ -439,6 +439,7 @@ impl Store for SqliteStore {
         .bind(t.auth.as_ref().map(to_json).transpose()?)
         .bind(&t.secret_token)
         .bind(now_ms())
+        .bind(t.ttl.map(duration_ms))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -614,14 +615,17 @@ impl Store for SqliteStore {
 
     async fn route(&self, token: &str) -> StoreResult<Option<TokenRoute>> {
         let row = sqlx::query(
-            "SELECT t.backend_id, t.username, t.auth, t.secret_token, b.status, b.address, b.subdomain \
-             FROM token t JOIN backend b ON b.id = t.backend_id WHERE t.token = ?1 AND t.revoked = 0",
+            "SELECT t.backend_id, t.username, t.auth, t.secret_token, t.expires_at - ?2 AS expires_in, b.status, \
+             b.address, b.subdomain FROM token t JOIN backend b ON b.id = t.backend_id \
+             WHERE t.token = ?1 AND t.revoked = 0 AND (t.expires_at IS NULL OR t.expires_at > ?2)",
         )
         .bind(token)
+        .bind(now_ms())
         .fetch_optional(&self.pool)
         .await?;
         row.map(|row| {
             let auth: Option<String> = row.try_get("auth")?;
+            let expires_in: Option<i64> = row.try_get("expires_in")?;
             Ok(TokenRoute {
                 backend_id: parse("backend id", &row.try_get::<String, _>("backend_id")?)?,
                 status: parse("status", &row.try_get::<String, _>("status")?)?,
@@ -630,6 +634,7 @@ impl Store for SqliteStore {
                 user_data: auth.map(|a| json("token auth", &a)).transpose()?,
                 secret_token: row.try_get("secret_token")?,
                 subdomain: row.try_get("subdomain")?,
+                expires_in: expires_in.map(ms_duration),
             })
         })
         .transpose()
@@ -784,6 +789,57 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(report)
+    }
+
+    async fn acquire_cert_lease(&self, cluster: &ClusterName, holder: &ProxyName, ttl: Duration) -> StoreResult<bool> {
+        let now = now_ms();
+        // One statement decides: of two proxies racing for a free lease, one wins.
+        let rows = sqlx::query(
+            "INSERT INTO cert_lease (cluster, holder, expires_at) VALUES (?1, ?2, ?3 + ?4) \
+             ON CONFLICT (cluster) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at, \
+               txt_values = CASE WHEN cert_lease.holder = excluded.holder THEN cert_lease.txt_values ELSE '[]' END \
+             WHERE cert_lease.holder = excluded.holder OR cert_lease.expires_at <= ?3",
+        )
+        .bind(cluster.as_str())
+        .bind(holder.as_str())
+        .bind(now)
+        .bind(duration_ms(ttl))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(rows > 0)
+    }
+
+    async fn set_acme_txt(&self, cluster: &ClusterName, holder: &ProxyName, values: &[String]) -> StoreResult<bool> {
+        let rows =
+            sqlx::query("UPDATE cert_lease SET txt_values = ?3 WHERE cluster = ?1 AND holder = ?2 AND expires_at > ?4")
+                .bind(cluster.as_str())
+                .bind(holder.as_str())
+                .bind(to_json(&values)?)
+                .bind(now_ms())
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        Ok(rows > 0)
+    }
+
+    async fn release_cert_lease(&self, cluster: &ClusterName, holder: &ProxyName) -> StoreResult<()> {
+        sqlx::query("DELETE FROM cert_lease WHERE cluster = ?1 AND holder = ?2")
+            .bind(cluster.as_str())
+            .bind(holder.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn acme_txt(&self, cluster: &ClusterName) -> StoreResult<Vec<String>> {
+        let values: Option<String> =
+            sqlx::query_scalar("SELECT txt_values FROM cert_lease WHERE cluster = ?1 AND expires_at > ?2")
+                .bind(cluster.as_str())
+                .bind(now_ms())
+                .fetch_optional(&self.pool)
+                .await?;
+        values.map_or(Ok(Vec::new()), |v| json("TXT values", &v))
     }
 }
 

@@ -119,6 +119,7 @@ async fn transcript(store: &dyn Store) -> Vec<String> {
                 user: Some(user.into()),
                 auth: Some(serde_json::json!({"role": user, "nested": {"n": [1, 2.5, null]}, "z": "\u{0}"})),
                 secret_token: Some(format!("secret-{tok}")),
+                ttl: None,
             })
             .await
             .unwrap();
@@ -645,6 +646,7 @@ async fn stress_one_holder_per_key_and_increasing_tokens() {
                 user: Some("alice".into()),
                 auth: None,
                 secret_token: None,
+                ttl: None,
             })
             .await
             .unwrap();

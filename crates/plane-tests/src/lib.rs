@@ -58,6 +58,10 @@ pub struct Options {
     /// The controller's store: this PostgreSQL URL, or (`None`) a SQLite file in the
     /// cluster's directory.
     pub postgres_url: Option<String>,
+    /// The controller's `--ctrl-token`; every component and the client pass it.
+    pub ctrl_token: Option<String>,
+    /// How long connection tokens stay valid (`None`: for the backend's life).
+    pub token_ttl: Option<Duration>,
 }
 
 impl Options {
@@ -75,6 +79,8 @@ impl Options {
             keepalive_interval: Duration::from_millis(100),
             docker: None,
             postgres_url: None,
+            ctrl_token: None,
+            token_ttl: None,
         }
     }
 }
@@ -163,8 +169,12 @@ impl TestCluster {
         let cluster: ClusterName = format!("localhost:{}", proxy_addr.port()).parse()?;
         let controller_url = format!("http://{controller_addr}");
         let http = reqwest::Client::builder().resolve("localhost", proxy_addr).build()?;
+        let mut client = PlaneClient::new(&controller_url)?;
+        if let Some(token) = &options.ctrl_token {
+            client = client.with_bearer_token(token.clone());
+        }
         let mut tc = TestCluster {
-            client: PlaneClient::new(&controller_url)?,
+            client,
             options,
             controller_url,
             cluster,
@@ -199,6 +209,8 @@ impl TestCluster {
             Some(self.cluster.clone()),
         );
         config.name = self.controller_name.clone();
+        config.ctrl_token = self.options.ctrl_token.clone();
+        config.token_ttl = self.options.token_ttl;
         config.timings = ControllerTimings {
             lease: LeaseTimings::scaled(self.options.lease_unit),
             drone_unhealthy_after: self.options.heartbeat_interval * 10,
@@ -277,6 +289,7 @@ impl TestCluster {
         config.keepalive_interval = self.options.keepalive_interval;
         config.reconnect_min = Duration::from_millis(20);
         config.reconnect_max = Duration::from_millis(200);
+        config.ctrl_token = self.options.ctrl_token.clone();
         Component::spawn(CancellationToken::new(), |s| plane_proxy::run(listener, config, s))
     }
 
@@ -308,6 +321,7 @@ impl TestCluster {
                 metrics_interval: Duration::from_millis(500),
             },
             event_journal: None,
+            ctrl_token: self.options.ctrl_token.clone(),
         }
     }
 

@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// The protocol version. Bump it on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3 added token expiry in routes, `ResetRoutes`, and certificate issuance.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Path of the drone socket on the controller.
 pub const DRONE_SOCKET_PATH: &str = "/ctrl/drone-socket";
@@ -282,6 +283,46 @@ pub enum ProxyToController {
         /// The active backends.
         backends: Vec<BackendName>,
     },
+    /// A step of ACME certificate issuance for the proxy's cluster; the controller
+    /// answers `IssuanceReply` with the same `request_id`.
+    Issuance {
+        /// Chosen by the proxy, echoed in the reply.
+        request_id: u64,
+        /// What to do.
+        op: IssuanceOp,
+    },
+}
+
+/// A step of certificate issuance, done by the controller for the asking proxy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum IssuanceOp {
+    /// Take or extend the cluster's issuance lease ([`ISSUANCE_LEASE`]). The reply's
+    /// `ok` says whether this proxy holds it (false: another proxy is issuing).
+    Acquire,
+    /// Publish the `_acme-challenge.<cluster>` TXT values (replacing earlier ones). The
+    /// reply's `ok` is false if this proxy no longer holds the lease.
+    SetTxt {
+        /// The values, served by the DNS servers at the same time.
+        values: Vec<String>,
+    },
+    /// Give the lease up, with its TXT values.
+    Release,
+}
+
+/// How long an issuance lease lives unless the holder renews it with another `Acquire`.
+pub const ISSUANCE_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Path of the endpoint DNS servers read TXT values from: `GET /ctrl/c/<cluster>/acme-txt`
+/// answers `{"values": [...]}`.
+pub fn acme_txt_path(cluster: &str) -> String {
+    format!("/ctrl/c/{cluster}/acme-txt")
+}
+
+/// The TXT values of a cluster, as the controller serves them to DNS servers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeTxt {
+    /// The values of `_acme-challenge.<cluster>` (empty when nothing is being issued).
+    pub values: Vec<String>,
 }
 
 /// Where a token routes.
@@ -299,6 +340,10 @@ pub struct RouteInfo {
     pub user_data: Option<serde_json::Value>,
     /// The backend's subdomain; requests must use it in their Host.
     pub subdomain: Option<String>,
+    /// How long the token has left, from when the controller answered; the proxy stops
+    /// routing it then. `None`: no expiry. (Relative, so no clocks are compared.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_ms: Option<u64>,
 }
 
 /// The outcome of a route lookup.
@@ -347,6 +392,16 @@ pub enum ControllerToProxy {
     /// The controller may have missed invalidations (its fan-out from other
     /// controllers was interrupted): drop every cached route. Lookups in flight stay.
     ResetRoutes,
+    /// The answer to an `Issuance` request.
+    IssuanceReply {
+        /// The request's id.
+        request_id: u64,
+        /// See [`IssuanceOp`]; false also when the controller could not do it.
+        ok: bool,
+        /// Why the step failed, if it did (a store error); `ok` is then false.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 #[cfg(test)]

@@ -64,6 +64,8 @@ enum Command {
     DroneWatchdog(roles::WatchdogArgs),
     /// Run a proxy: routes client traffic to backends.
     Proxy(roles::ProxyArgs),
+    /// Run a DNS server answering ACME DNS-01 challenges from the controller.
+    Dns(roles::DnsArgs),
     /// Run a controller, a drone and a proxy in one process, for development.
     Dev(roles::DevArgs),
     /// Get or create the backend for a key, and wait until it is ready.
@@ -96,6 +98,7 @@ impl Command {
                 | Command::Drone(_)
                 | Command::DroneWatchdog(_)
                 | Command::Proxy(_)
+                | Command::Dns(_)
                 | Command::Dev(_)
                 | Command::DemoBackend
                 | Command::Migrate(_)
@@ -121,8 +124,14 @@ struct ClientOpts {
     /// URL of the controller [env: PLANE_CONTROLLER] [default: http://127.0.0.1:8080]
     #[arg(long, value_name = "URL")]
     controller: Option<String>,
-    /// Bearer token for the controller's control API.
-    #[arg(long, value_name = "TOKEN", env = "PLANE_CONTROLLER_TOKEN", hide_env_values = true)]
+    /// Bearer token for the controller's control API (its `--ctrl-token`).
+    #[arg(
+        long,
+        alias = "ctrl-token",
+        value_name = "TOKEN",
+        env = "PLANE_CTRL_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
 }
 
@@ -301,6 +310,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drone(args) => roles::run_drone(*args).await,
         Command::DroneWatchdog(args) => roles::run_watchdog(args).await,
         Command::Proxy(args) => roles::run_proxy(args).await,
+        Command::Dns(args) => roles::run_dns(args).await,
         Command::Dev(args) => roles::run_dev(args).await,
         Command::DemoBackend => plane_demo::run().await,
         Command::Migrate(args) => roles::run_migrate(args).await,

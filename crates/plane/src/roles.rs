@@ -59,6 +59,21 @@ pub struct ControllerArgs {
     /// hours; older ones are deleted in bounded batches every minute.
     #[arg(long, default_value_t = 168)]
     retain_terminated_hours: u64,
+    /// A bearer token every `/ctrl/*` request must carry (`Authorization: Bearer …`);
+    /// drones, proxies, DNS servers and the CLI pass it with their `--ctrl-token`.
+    #[arg(long, env = "PLANE_CTRL_TOKEN", hide_env_values = true)]
+    ctrl_token: Option<String>,
+    /// Checks `/ctrl/*` requests with this auth service (http or https, Plane-compatible):
+    /// a 2xx answer lets the request through. A request with the `--ctrl-token` needs no check.
+    #[arg(long, value_name = "URL")]
+    forward_auth: Option<String>,
+    /// A CA certificate (PEM file) to trust for an https `--forward-auth` service.
+    #[arg(long, value_name = "FILE", requires = "forward_auth")]
+    forward_auth_ca: Option<PathBuf>,
+    /// Connection tokens expire this many seconds after they are issued; a proxy then
+    /// answers 410. Default: they last as long as their backend (as in Plane 0.5).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    token_ttl_seconds: Option<u64>,
 }
 
 /// Which runtime a drone uses.
@@ -156,6 +171,9 @@ pub struct DroneArgs {
     /// goes to the next one).
     #[arg(long, env = "PLANE_CONTROLLER_URL", default_value = "http://127.0.0.1:8080")]
     controller_url: String,
+    /// The controller's `--ctrl-token`, if it has one.
+    #[arg(long, env = "PLANE_CTRL_TOKEN", hide_env_values = true)]
+    ctrl_token: Option<String>,
     /// The cluster this drone serves.
     #[arg(long)]
     cluster: ClusterName,
@@ -251,6 +269,83 @@ pub struct ProxyArgs {
     /// Seconds a request waits for a starting backend.
     #[arg(long, default_value_t = 30)]
     route_wait_seconds: u64,
+    /// The controller's `--ctrl-token`, if it has one.
+    #[arg(long, env = "PLANE_CTRL_TOKEN", hide_env_values = true)]
+    ctrl_token: Option<String>,
+    /// Serve HTTPS on this port (HTTP/2 and HTTP/1.1 by ALPN); the HTTP port then
+    /// answers `/ready` and `/metrics` and redirects everything else to HTTPS. Needs
+    /// `--cert-file` and `--key-file`, or `--acme-directory`.
+    #[arg(long)]
+    https_port: Option<u16>,
+    /// The port HTTP→HTTPS redirects name (default: 443, left out of the URL).
+    #[arg(long, default_value_t = 443)]
+    public_https_port: u16,
+    /// A PEM certificate chain to serve (with `--key-file`), without ACME.
+    #[arg(long, requires = "key_file", conflicts_with = "acme_directory")]
+    cert_file: Option<PathBuf>,
+    /// The PEM private key of `--cert-file`.
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// Obtain and renew the certificate for `<cluster>` and `*.<cluster>` from this ACME
+    /// directory URL through DNS-01 (run `plane dns` for the cluster's zone).
+    #[arg(long, value_name = "URL")]
+    acme_directory: Option<String>,
+    /// Where the ACME certificate and key (one PEM file, mode 0600) and the account are
+    /// kept and reused at start.
+    #[arg(long, default_value = "plane-proxy-cert.pem")]
+    acme_cert_path: PathBuf,
+    /// Contact email for the ACME account.
+    #[arg(long)]
+    acme_email: Option<String>,
+    /// External account binding: the key id the CA gave.
+    #[arg(long, requires = "acme_eab_hmac_key")]
+    acme_eab_kid: Option<String>,
+    /// External account binding: the base64url HMAC key the CA gave.
+    #[arg(
+        long,
+        requires = "acme_eab_kid",
+        env = "PLANE_ACME_EAB_HMAC_KEY",
+        hide_env_values = true
+    )]
+    acme_eab_hmac_key: Option<String>,
+    /// A CA certificate (PEM) to trust for the ACME server itself (test CAs).
+    #[arg(long)]
+    acme_server_ca: Option<PathBuf>,
+    /// The largest request head in bytes (over it: 431).
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
+    /// The largest request body in bytes (over it: 413); 0 for no limit.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    max_body_bytes: u64,
+    /// Seconds a client has to send a request head (against slow clients).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout_seconds: u64,
+    /// Seconds a client connection may stay idle between requests.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_seconds: u64,
+    /// Seconds to wait for a TCP connection to a backend (then 502).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    upstream_connect_timeout_seconds: u64,
+}
+
+/// Flags of `plane dns`.
+#[derive(Debug, Args)]
+pub struct DnsArgs {
+    /// The controller to read TXT values from, or several separated by commas.
+    #[arg(long, env = "PLANE_CONTROLLER_URL", default_value = "http://127.0.0.1:8080")]
+    controller_url: String,
+    /// The controller's `--ctrl-token`, if it has one.
+    #[arg(long, env = "PLANE_CTRL_TOKEN", hide_env_values = true)]
+    ctrl_token: Option<String>,
+    /// The zone this server answers for (clusters are this name or under it).
+    #[arg(long)]
+    zone: String,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: IpAddr,
+    /// The port to serve DNS on (UDP and TCP).
+    #[arg(long, default_value_t = 53)]
+    port: u16,
 }
 
 /// Flags of `plane dev`.
@@ -358,6 +453,18 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot bind the {what} to {addr}"))
 }
 
+/// A secret flag's value; an empty one is refused (it would look set but match nothing
+/// useful, or everything).
+fn nonempty(value: Option<String>, flag: &str) -> anyhow::Result<Option<String>> {
+    match value {
+        Some(v) if v.trim().is_empty() => bail!("{flag} must not be empty"),
+        Some(v) if v.trim() != v || v.chars().any(|c| c.is_control()) => {
+            bail!("{flag} must not contain whitespace at its ends or control characters")
+        }
+        other => Ok(other),
+    }
+}
+
 /// Runs `plane controller`.
 pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let store = open_store(&args.db).await?;
@@ -370,6 +477,15 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     config.timings.sweep_interval = Duration::from_millis(args.sweep_interval_ms);
     config.timings.drone_unhealthy_after = Duration::from_millis(args.drone_unhealthy_after_ms);
     config.timings.terminated_retention = Duration::from_secs(args.retain_terminated_hours.saturating_mul(3600));
+    config.ctrl_token = nonempty(args.ctrl_token, "--ctrl-token")?;
+    config.token_ttl = args.token_ttl_seconds.map(Duration::from_secs);
+    if let Some(url) = &args.forward_auth {
+        let ca = match &args.forward_auth_ca {
+            Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?),
+            None => None,
+        };
+        config.forward_auth = Some(plane_controller::auth::ForwardAuth::new(url, ca.as_deref())?);
+    }
     plane_controller::serve(listener, config, shutdown_on_signal()).await
 }
 
@@ -416,6 +532,7 @@ pub async fn run_drone(args: DroneArgs) -> anyhow::Result<()> {
             ..DroneTimings::default()
         },
         event_journal: args.event_journal,
+        ctrl_token: nonempty(args.ctrl_token, "--ctrl-token")?,
     };
     // The drone lock comes before the watchdog check (see `plane_drone::watchdog::launch`).
     let _drone_lock = plane_drone::watchdog::DroneLock::acquire(&config.db_path).await;
@@ -472,7 +589,52 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     let listener = bind(SocketAddr::new(args.host, args.http_port), "proxy").await?;
     let mut config = ProxyConfig::new(args.controller_url, args.cluster);
     config.route_wait = Duration::from_secs(args.route_wait_seconds);
-    plane_proxy::run(listener, config, shutdown_on_signal()).await
+    config.ctrl_token = nonempty(args.ctrl_token, "--ctrl-token")?;
+    config.https_redirect_port = Some(args.public_https_port);
+    config.limits.max_header_bytes = args.max_header_bytes;
+    config.limits.max_body_bytes = (args.max_body_bytes > 0).then_some(args.max_body_bytes);
+    config.limits.header_read_timeout = Duration::from_secs(args.header_read_timeout_seconds);
+    config.limits.idle_timeout = Duration::from_secs(args.idle_timeout_seconds);
+    config.limits.upstream_connect_timeout = Duration::from_secs(args.upstream_connect_timeout_seconds);
+    let Some(https_port) = args.https_port else {
+        if args.cert_file.is_some() || args.acme_directory.is_some() {
+            bail!("--cert-file and --acme-directory need --https-port");
+        }
+        return plane_proxy::run(listener, config, shutdown_on_signal()).await;
+    };
+    let https = bind(SocketAddr::new(args.host, https_port), "proxy (https)").await?;
+    let certs = plane_proxy::CertStore::new();
+    if let (Some(cert), Some(key)) = (&args.cert_file, &args.key_file) {
+        certs.load_files(cert, key)?;
+        return plane_proxy::run_https(Some(listener), https, certs, config, shutdown_on_signal()).await;
+    }
+    let Some(directory) = args.acme_directory else {
+        bail!("--https-port needs --cert-file and --key-file, or --acme-directory");
+    };
+    plane_proxy::acme::certificate_names(config.cluster.as_str())?;
+    let mut acme = plane_proxy::acme::AcmeConfig::new(directory, args.acme_cert_path);
+    acme.contact_email = args.acme_email;
+    acme.eab = args.acme_eab_kid.zip(args.acme_eab_hmac_key);
+    acme.acme_server_ca = args.acme_server_ca;
+    plane_proxy::run_https_acme(Some(listener), https, certs, acme, config, shutdown_on_signal()).await
+}
+
+/// Runs `plane dns`.
+pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(args.host, args.port);
+    let udp = tokio::net::UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind the DNS server (UDP) to {addr}"))?;
+    let tcp = bind(addr, "DNS server (TCP)").await?;
+    let source = plane_dns::ControllerTxtSource::new(&args.controller_url, nonempty(args.ctrl_token, "--ctrl-token")?)?;
+    plane_dns::run(
+        udp,
+        tcp,
+        plane_dns::DnsConfig::new(args.zone),
+        Arc::new(source),
+        shutdown_on_signal(),
+    )
+    .await
 }
 
 /// Runs `plane dev`: controller, drone and proxy in one process.
@@ -537,6 +699,7 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             ..DroneTimings::default()
         },
         event_journal: None,
+        ctrl_token: None,
     };
     let controller_config = ControllerConfig::new(store, controller_url.clone(), Some(cluster.clone()));
     let proxy_config = ProxyConfig::new(controller_url.clone(), cluster.clone());
