@@ -133,17 +133,7 @@ pub async fn run_https(
     config: ProxyConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let https_port = match config.https_redirect_port {
-        Some(port) => port,
-        None => https.local_addr()?.port(),
-    };
-    let mut listeners = vec![(
-        https,
-        proxy::Mode::Https(tokio_rustls::TlsAcceptor::from(certs.server_config())),
-    )];
-    if let Some(http) = http {
-        listeners.push((http, proxy::Mode::Redirect { https_port }));
-    }
+    let listeners = https_listeners(http, https, &certs, &config)?;
     serve(listeners, config, None, shutdown).await
 }
 
@@ -158,6 +148,17 @@ pub async fn run_https_acme(
     config: ProxyConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listeners = https_listeners(http, https, &certs, &config)?;
+    serve(listeners, config, Some((acme, certs)), shutdown).await
+}
+
+/// The HTTPS listener, and the HTTP one (if any) redirecting to it.
+fn https_listeners(
+    http: Option<TcpListener>,
+    https: TcpListener,
+    certs: &Arc<CertStore>,
+    config: &ProxyConfig,
+) -> anyhow::Result<Vec<(TcpListener, proxy::Mode)>> {
     let https_port = match config.https_redirect_port {
         Some(port) => port,
         None => https.local_addr()?.port(),
@@ -169,7 +170,7 @@ pub async fn run_https_acme(
     if let Some(http) = http {
         listeners.push((http, proxy::Mode::Redirect { https_port }));
     }
-    serve(listeners, config, Some((acme, certs)), shutdown).await
+    Ok(listeners)
 }
 
 impl acme::CertSink for CertStore {

@@ -107,11 +107,12 @@ impl Command {
 }
 
 impl Cli {
-    /// The default log filter when `RUST_LOG` is not set: `info` for servers, `warn`
-    /// for client commands.
+    /// The default log filter when `RUST_LOG` is not set: `info` for servers (but
+    /// `warn` for hickory-server, which logs every DNS query at `info`), `warn` for
+    /// client commands.
     pub fn default_log_filter(&self) -> &'static str {
         if self.command.is_role() {
-            "info"
+            "info,hickory_server=warn"
         } else {
             "warn"
         }
@@ -1009,8 +1010,14 @@ mod tests {
 
     #[test]
     fn log_filters() {
-        assert_eq!(parse(&["demo-backend"]).unwrap().default_log_filter(), "info");
-        assert_eq!(parse(&["dev"]).unwrap().default_log_filter(), "info");
+        assert_eq!(
+            parse(&["demo-backend"]).unwrap().default_log_filter(),
+            "info,hickory_server=warn"
+        );
+        assert_eq!(
+            parse(&["dev"]).unwrap().default_log_filter(),
+            "info,hickory_server=warn"
+        );
         assert_eq!(parse(&["status", "abc"]).unwrap().default_log_filter(), "warn");
     }
 
