@@ -90,7 +90,14 @@ async fn two_controllers_on_one_database_act_for_each_others_drones_and_proxies(
         })
         .await
         .unwrap();
+    let revoked = Instant::now();
     wait_http(&tc, &format!("{}env", res.url), 410).await;
+    // Issue 5's bar: a revoke reaches every proxy, here one on another controller, within 1 s.
+    assert!(
+        revoked.elapsed() < Duration::from_secs(1),
+        "the revocation took {:?} to reach B's proxy",
+        revoked.elapsed()
+    );
 
     // A termination asked of B reaches the drone on A.
     b.hard_terminate(&res.backend_id).await.unwrap();
