@@ -71,10 +71,15 @@ impl ForwardAuth {
         let mut url = self.url.clone();
         let path = format!("{}{}", url.path().trim_end_matches('/'), uri.path());
         url.set_path(&path);
-        url.set_query(uri.query());
+        let query = match (self.url.query(), uri.query()) {
+            (Some(own), Some(theirs)) => Some(format!("{own}&{theirs}")),
+            (own, theirs) => own.or(theirs).map(str::to_owned),
+        };
+        url.set_query(query.as_deref());
         let mut req = self.client.request(method.clone(), url);
         for (name, value) in headers {
-            if !is_hop_header(name) {
+            // The caller must not choose what the auth service reads as the request.
+            if !is_hop_header(name) && !is_forwarding_header(name) {
                 req = req.header(name, value);
             }
         }
@@ -121,6 +126,11 @@ fn is_hop_header(name: &HeaderName) -> bool {
         HeaderName::from_static("sec-websocket-extensions"),
     ]
     .contains(name)
+}
+
+/// Headers that describe the forwarded request itself; the controller sets them.
+fn is_forwarding_header(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-forwarded-") || name.as_str() == "forwarded" || name.as_str() == "x-original-uri"
 }
 
 /// Whether `headers` carry `Authorization: Bearer <expected>`. Both sides are hashed

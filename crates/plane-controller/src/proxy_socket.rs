@@ -67,6 +67,20 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
 
     // Lookups in flight; aborted when the proxy goes away.
     let mut lookups = JoinSet::new();
+    // Issuance steps, done one after another by one task.
+    let (issuance_tx, mut issuance_rx) = mpsc::unbounded_channel::<(u64, IssuanceOp)>();
+    {
+        let (c, tx, hello) = (c.clone(), tx.clone(), hello.clone());
+        lookups.spawn(async move {
+            while let Some((request_id, op)) = issuance_rx.recv().await {
+                let (ok, error) = match issuance(&c, &hello, op).await {
+                    Ok(ok) => (ok, None),
+                    Err(e) => (false, Some(e)),
+                };
+                let _ = tx.send(ControllerToProxy::IssuanceReply { request_id, ok, error });
+            }
+        });
+    }
     loop {
         tokio::select! {
             text = next_text(&mut stream) => {
@@ -86,15 +100,9 @@ async fn run(c: Arc<Controller>, socket: WebSocket) {
                         }
                     }
                     Ok(ProxyToController::Issuance { request_id, op }) => {
-                        // The proxy waits for each step's reply before the next one.
-                        let (c, tx, hello) = (c.clone(), tx.clone(), hello.clone());
-                        lookups.spawn(async move {
-                            let (ok, error) = match issuance(&c, &hello, op).await {
-                                Ok(ok) => (ok, None),
-                                Err(e) => (false, Some(e)),
-                            };
-                            let _ = tx.send(ControllerToProxy::IssuanceReply { request_id, ok, error });
-                        });
+                        // One at a time, in order: a late `Acquire` must not run after
+                        // the `Release` the proxy sent next.
+                        let _ = issuance_tx.send((request_id, op));
                     }
                     Ok(ProxyToController::Hello(_)) => tracing::warn!(proxy = %hello.name, "ignoring a second Hello"),
                     Err(e) => tracing::warn!(proxy = %hello.name, error = %e, "ignoring an invalid message from a proxy"),

@@ -72,7 +72,7 @@ pub struct ControllerArgs {
     forward_auth_ca: Option<PathBuf>,
     /// Connection tokens expire this many seconds after they are issued; a proxy then
     /// answers 410. Default: they last as long as their backend (as in Plane 0.5).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10 * 365 * 86_400))]
     token_ttl_seconds: Option<u64>,
 }
 
@@ -277,9 +277,10 @@ pub struct ProxyArgs {
     /// `--cert-file` and `--key-file`, or `--acme-directory`.
     #[arg(long)]
     https_port: Option<u16>,
-    /// The port HTTP→HTTPS redirects name (default: 443, left out of the URL).
-    #[arg(long, default_value_t = 443)]
-    public_https_port: u16,
+    /// The port HTTP→HTTPS redirects name, if clients reach HTTPS on another port than
+    /// `--https-port` (port forwarding, a load balancer); 443 is left out of the URL.
+    #[arg(long)]
+    public_https_port: Option<u16>,
     /// A PEM certificate chain to serve (with `--key-file`), without ACME.
     #[arg(long, requires = "key_file", conflicts_with = "acme_directory")]
     cert_file: Option<PathBuf>,
@@ -590,7 +591,7 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     let mut config = ProxyConfig::new(args.controller_url, args.cluster);
     config.route_wait = Duration::from_secs(args.route_wait_seconds);
     config.ctrl_token = nonempty(args.ctrl_token, "--ctrl-token")?;
-    config.https_redirect_port = Some(args.public_https_port);
+    config.https_redirect_port = args.public_https_port;
     config.limits.max_header_bytes = args.max_header_bytes;
     config.limits.max_body_bytes = (args.max_body_bytes > 0).then_some(args.max_body_bytes);
     config.limits.header_read_timeout = Duration::from_secs(args.header_read_timeout_seconds);

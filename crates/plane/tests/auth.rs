@@ -94,7 +94,7 @@ async fn auth_service(seen: Seen) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}/check")
+    format!("http://{addr}/check?svc=plane")
 }
 
 /// Forward auth decides for requests without the ctrl token: 2xx passes, 403 is 403,
@@ -129,6 +129,21 @@ async fn forward_auth_decides_for_requests_without_the_ctrl_token() {
         }
         async move { req.send().await.unwrap().status().as_u16() }
     };
+    // A caller cannot tell the auth service it asks for something else.
+    let spoofed = http
+        .post(format!("{base}/ctrl/b/some-backend/hard-terminate"))
+        .header("x-api-key", "nope")
+        .header("x-forwarded-uri", "/ctrl/status")
+        .header("x-forwarded-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spoofed.status(), 401);
+    let (method, _, uri, _) = seen.lock().unwrap().remove(0);
+    assert_eq!(
+        (method.as_str(), uri.as_str()),
+        ("POST", "/ctrl/b/some-backend/hard-terminate")
+    );
     assert_eq!(status(Some("good"), None).await, 200);
     assert_eq!(status(Some("banned"), None).await, 403);
     assert_eq!(status(Some("other"), None).await, 401);
