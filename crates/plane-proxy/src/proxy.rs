@@ -23,7 +23,7 @@
 //!
 //! An upgraded connection leaves hyper, and with it these deadlines.
 
-use crate::activity::{ActivityGuard, ConnectionKind};
+use crate::activity::ConnectionKind;
 use crate::config::ProxyLimits;
 use crate::headers::{
     add_response_headers, is_upgrade_request, match_host, match_hostname, remove_hop_by_hop, set_forwarded,
@@ -270,7 +270,7 @@ where
             async move {
                 let response = handle(&ctx, info, req).await;
                 ctx.shared.metrics.response(response.status());
-                Ok::<_, Infallible>(response.map(|inner| BusyBody { inner, _busy: busy }))
+                Ok::<_, Infallible>(response.map(|inner| GuardedBody { inner, _guard: busy }))
             }
         })
     };
@@ -480,13 +480,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TrackedIo<I> {
     }
 }
 
-/// A response body that keeps its request counted as in flight until it is done.
-struct BusyBody {
-    inner: ProxyBody,
-    _busy: Busy,
+/// A body that holds `G` (a counter's guard) until it is done or dropped: the
+/// client-side in-flight count ([`Busy`]) and the backend activity ([`crate::activity::ActivityGuard`]).
+struct GuardedBody<B, G> {
+    inner: B,
+    _guard: G,
 }
 
-impl Body for BusyBody {
+impl<B: Body<Data = Bytes, Error = hyper::Error> + Unpin, G: Unpin> Body for GuardedBody<B, G> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -703,7 +704,7 @@ async fn forward(ctx: &Ctx, info: ConnInfo, mut req: Request<Incoming>) -> Resul
     add_response_headers(&mut parts.headers, Some(backend));
     Ok(Response::from_parts(
         parts,
-        TrackedBody {
+        GuardedBody {
             inner: body,
             _guard: in_flight,
         }
@@ -783,30 +784,6 @@ impl Body for RequestBody {
             limit.remaining -= len;
         }
         Poll::Ready(Some(Ok(frame)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A backend's response body, streamed through; keeps the request counted as in flight
-/// until the body is done or dropped.
-struct TrackedBody {
-    inner: Incoming,
-    _guard: ActivityGuard,
-}
-
-impl Body for TrackedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
