@@ -24,6 +24,7 @@ where
     drones_register_heartbeat_and_drain(make().await).await;
     keys_are_exclusive_and_fencing_tokens_increase(make().await).await;
     statuses_only_move_forward(make().await).await;
+    a_batch_of_updates_applies_each_in_order(make().await).await;
     termination_releases_key(make().await).await;
     renewal_and_expiry(make().await).await;
     tokens_route_and_revoke(make().await).await;
@@ -333,6 +334,69 @@ async fn statuses_only_move_forward(store: SharedStore) {
     assert_eq!(hist, vec![BackendStatus::Scheduled, BackendStatus::Ready]);
     let rec = store.backend(&id).await.unwrap().unwrap();
     assert_eq!(rec.address, ready.address);
+}
+
+async fn a_batch_of_updates_applies_each_in_order(store: SharedStore) {
+    let d = drone(&*store, "dr-one").await;
+    store.create_backend(&new_backend("b1", &d, "k1")).await.unwrap();
+    store.create_backend(&new_backend("b2", &d, "k2")).await.unwrap();
+    let (b1, b2): (BackendName, BackendName) = ("b1".parse().unwrap(), "b2".parse().unwrap());
+    let mut ready = update(&b1, BackendStatus::Ready);
+    ready.address = Some("127.0.0.1:5000".parse().unwrap());
+    let batch = [
+        update(&b1, BackendStatus::Starting),
+        update(&b2, BackendStatus::Starting),
+        update(&"ghost".parse().unwrap(), BackendStatus::Ready),
+        // Behind what this batch already applied: stale, and it must not undo anything.
+        update(&b1, BackendStatus::Loading),
+        ready.clone(),
+        update(&b2, BackendStatus::Terminated),
+    ];
+    let outcomes = store.apply_updates(&d, &batch).await.unwrap();
+    let kinds: Vec<&str> = outcomes
+        .iter()
+        .map(|o| match o {
+            ApplyOutcome::Advanced(_) => "advanced",
+            ApplyOutcome::Stale => "stale",
+            ApplyOutcome::UnknownBackend => "unknown",
+            ApplyOutcome::WrongDrone => "wrong drone",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["advanced", "advanced", "unknown", "stale", "advanced", "advanced"]
+    );
+    let history = |id: BackendName| {
+        let store = store.clone();
+        async move {
+            let h: Vec<_> = store
+                .status_history(&id)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.status)
+                .collect();
+            h
+        }
+    };
+    assert_eq!(
+        history(b1.clone()).await,
+        [BackendStatus::Scheduled, BackendStatus::Starting, BackendStatus::Ready]
+    );
+    assert_eq!(
+        history(b2.clone()).await,
+        [
+            BackendStatus::Scheduled,
+            BackendStatus::Starting,
+            BackendStatus::Terminated
+        ]
+    );
+    assert_eq!(store.backend(&b1).await.unwrap().unwrap().address, ready.address);
+    // The terminated one released its key; the ready one holds its own.
+    assert!(store.key_holder(&key("k2")).await.unwrap().is_none());
+    assert_eq!(store.key_holder(&key("k1")).await.unwrap().unwrap().backend_id, b1);
+    // An empty batch is a no-op.
+    assert!(store.apply_updates(&d, &[]).await.unwrap().is_empty());
 }
 
 async fn termination_releases_key(store: SharedStore) {

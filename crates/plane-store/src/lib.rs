@@ -429,6 +429,18 @@ pub trait Store: Send + Sync + 'static {
     /// `terminated` releases the key and clears any pending termination.
     async fn apply_update(&self, drone: &DroneName, update: &BackendUpdate) -> StoreResult<ApplyOutcome>;
 
+    /// Applies several reports of one drone, in order, with the outcome of each as
+    /// [`Store::apply_update`] gives it. A store may commit them together (SQLite does:
+    /// one commit, one fsync, for reports that arrived together); if it fails, none of
+    /// the outcomes is known, and the drone re-sends them all.
+    async fn apply_updates(&self, drone: &DroneName, updates: &[BackendUpdate]) -> StoreResult<Vec<ApplyOutcome>> {
+        let mut outcomes = Vec::with_capacity(updates.len());
+        for update in updates {
+            outcomes.push(self.apply_update(drone, update).await?);
+        }
+        Ok(outcomes)
+    }
+
     /// Extends the lease of the key held by `backend_id` with `fencing_token`. False if
     /// the backend no longer holds it (terminated, expired, or another acquisition).
     async fn renew_key(&self, backend_id: &BackendName, fencing_token: i64, lease: Duration) -> StoreResult<bool>;

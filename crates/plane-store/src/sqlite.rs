@@ -476,77 +476,20 @@ impl Store for SqliteStore {
     }
 
     async fn apply_update(&self, drone: &DroneName, u: &BackendUpdate) -> StoreResult<ApplyOutcome> {
+        let mut outcomes = self.apply_updates(drone, std::slice::from_ref(u)).await?;
+        Ok(outcomes.pop().expect("one outcome per update"))
+    }
+
+    async fn apply_updates(&self, drone: &DroneName, updates: &[BackendUpdate]) -> StoreResult<Vec<ApplyOutcome>> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
-            "SELECT drone, status_order, termination_reason, termination_kind, pending_kind, pending_reason, exit_code \
-             FROM backend WHERE id = ?1",
-        )
-        .bind(u.backend_id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(ApplyOutcome::UnknownBackend);
-        };
-        if row.try_get::<String, _>("drone")? != drone.as_str() {
-            return Ok(ApplyOutcome::WrongDrone);
+        let mut outcomes = Vec::with_capacity(updates.len());
+        for u in updates {
+            outcomes.push(apply_update_in(&mut tx, drone, u, now).await?);
         }
-        if row.try_get::<i64, _>("status_order")? >= u.status.order() {
-            return Ok(ApplyOutcome::Stale);
-        }
-        // Keep what is already known about the termination unless the drone says more.
-        let known = KnownTermination {
-            reason: parse_opt("termination reason", row.try_get("termination_reason")?)?,
-            kind: parse_opt("termination kind", row.try_get("termination_kind")?)?,
-            pending_reason: parse_opt("termination reason", row.try_get("pending_reason")?)?,
-            pending_kind: parse_opt("termination kind", row.try_get("pending_kind")?)?,
-        };
-        let (reason, kind) = termination_of_update(u.status, u.termination_reason, u.termination_kind, known);
-        let terminated = u.status == BackendStatus::Terminated;
-        let exit_code = if terminated { u.exit_code } else { None };
-        sqlx::query(
-            "UPDATE backend SET status = ?1, status_order = ?2, address = COALESCE(?3, address), \
-             exit_code = COALESCE(?4, exit_code), termination_reason = ?5, termination_kind = ?6, \
-             message = COALESCE(?7, message), \
-             last_active = CASE WHEN ?2 = 50 THEN ?8 ELSE last_active END, \
-             pending_kind = CASE WHEN ?2 >= 70 THEN NULL ELSE pending_kind END, \
-             pending_reason = CASE WHEN ?2 >= 70 THEN NULL ELSE pending_reason END \
-             WHERE id = ?9",
-        )
-        .bind(u.status.as_str())
-        .bind(u.status.order())
-        .bind(u.address.map(|a| a.to_string()))
-        .bind(exit_code)
-        .bind(reason.map(|r| r.as_str()))
-        .bind(kind.map(|k| k.as_str()))
-        .bind(&u.message)
-        .bind(now)
-        .bind(u.backend_id.as_str())
-        .execute(&mut *tx)
-        .await?;
-        let entry = status_entry(u.status, now, reason, kind, exit_code, u.message.clone());
-        sqlx::query(
-            "INSERT INTO backend_status (backend_id, status, status_order, time, termination_reason, termination_kind, exit_error, message) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )
-        .bind(u.backend_id.as_str())
-        .bind(u.status.as_str())
-        .bind(u.status.order())
-        .bind(now)
-        .bind(reason.map(|r| r.as_str()))
-        .bind(kind.map(|k| k.as_str()))
-        .bind(entry.exit_error)
-        .bind(&entry.message)
-        .execute(&mut *tx)
-        .await?;
-        if terminated {
-            sqlx::query("DELETE FROM backend_key WHERE backend_id = ?1")
-                .bind(u.backend_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
+        // One commit, and so one fsync, for the whole batch.
         tx.commit().await?;
-        Ok(ApplyOutcome::Advanced(entry))
+        Ok(outcomes)
     }
 
     async fn renew_key(&self, backend_id: &BackendName, fencing_token: i64, lease: Duration) -> StoreResult<bool> {
@@ -850,6 +793,84 @@ fn termination_from_row(row: &SqliteRow) -> StoreResult<Termination> {
         kind: parse("termination kind", &row.try_get::<String, _>("pending_kind")?)?,
         reason: parse("termination reason", &row.try_get::<String, _>("pending_reason")?)?,
     })
+}
+
+/// Applies one drone report on `tx` (see [`Store::apply_update`]); writes nothing unless
+/// the outcome is [`ApplyOutcome::Advanced`].
+async fn apply_update_in(
+    tx: &mut sqlx::SqliteConnection,
+    drone: &DroneName,
+    u: &BackendUpdate,
+    now: i64,
+) -> StoreResult<ApplyOutcome> {
+    let row = sqlx::query(
+        "SELECT drone, status_order, termination_reason, termination_kind, pending_kind, pending_reason, exit_code \
+         FROM backend WHERE id = ?1",
+    )
+    .bind(u.backend_id.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(ApplyOutcome::UnknownBackend);
+    };
+    if row.try_get::<String, _>("drone")? != drone.as_str() {
+        return Ok(ApplyOutcome::WrongDrone);
+    }
+    if row.try_get::<i64, _>("status_order")? >= u.status.order() {
+        return Ok(ApplyOutcome::Stale);
+    }
+    // Keep what is already known about the termination unless the drone says more.
+    let known = KnownTermination {
+        reason: parse_opt("termination reason", row.try_get("termination_reason")?)?,
+        kind: parse_opt("termination kind", row.try_get("termination_kind")?)?,
+        pending_reason: parse_opt("termination reason", row.try_get("pending_reason")?)?,
+        pending_kind: parse_opt("termination kind", row.try_get("pending_kind")?)?,
+    };
+    let (reason, kind) = termination_of_update(u.status, u.termination_reason, u.termination_kind, known);
+    let terminated = u.status == BackendStatus::Terminated;
+    let exit_code = if terminated { u.exit_code } else { None };
+    sqlx::query(
+        "UPDATE backend SET status = ?1, status_order = ?2, address = COALESCE(?3, address), \
+         exit_code = COALESCE(?4, exit_code), termination_reason = ?5, termination_kind = ?6, \
+         message = COALESCE(?7, message), \
+         last_active = CASE WHEN ?2 = 50 THEN ?8 ELSE last_active END, \
+         pending_kind = CASE WHEN ?2 >= 70 THEN NULL ELSE pending_kind END, \
+         pending_reason = CASE WHEN ?2 >= 70 THEN NULL ELSE pending_reason END \
+         WHERE id = ?9",
+    )
+    .bind(u.status.as_str())
+    .bind(u.status.order())
+    .bind(u.address.map(|a| a.to_string()))
+    .bind(exit_code)
+    .bind(reason.map(|r| r.as_str()))
+    .bind(kind.map(|k| k.as_str()))
+    .bind(&u.message)
+    .bind(now)
+    .bind(u.backend_id.as_str())
+    .execute(&mut *tx)
+    .await?;
+    let entry = status_entry(u.status, now, reason, kind, exit_code, u.message.clone());
+    sqlx::query(
+        "INSERT INTO backend_status (backend_id, status, status_order, time, termination_reason, termination_kind, exit_error, message) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .bind(u.backend_id.as_str())
+    .bind(u.status.as_str())
+    .bind(u.status.order())
+    .bind(now)
+    .bind(reason.map(|r| r.as_str()))
+    .bind(kind.map(|k| k.as_str()))
+    .bind(entry.exit_error)
+    .bind(&entry.message)
+    .execute(&mut *tx)
+    .await?;
+    if terminated {
+        sqlx::query("DELETE FROM backend_key WHERE backend_id = ?1")
+            .bind(u.backend_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(ApplyOutcome::Advanced(entry))
 }
 
 #[cfg(test)]

@@ -211,19 +211,32 @@ pub trait Runtime: Send + Sync + 'static {
 }
 
 /// Returns once something at `address` answers HTTP: each attempt connects, sends
-/// `GET /` and reads the status line. Attempts start 1 ms apart and back off to 10 ms,
-/// so readiness is seen within milliseconds of the backend listening. Any status code
-/// counts; what matters is that the backend speaks HTTP.
+/// `GET /` and reads the status line. Any status code counts; what matters is that the
+/// backend speaks HTTP.
+///
+/// Attempts are [`FAST_PROBE_INTERVAL`] apart for the first [`FAST_PROBE_PERIOD`], then
+/// back off by a millisecond per attempt to 10 ms. The gap between the backend starting
+/// to listen and the next attempt is what this adds to a cold start, and most backends
+/// listen within tens of milliseconds; an attempt on a port nobody listens on yet is a
+/// refused loopback connect, a few microseconds of work.
 pub async fn wait_for_http(address: SocketAddr) {
-    let mut interval = Duration::from_millis(1);
+    let fast_until = tokio::time::Instant::now() + FAST_PROBE_PERIOD;
+    let mut interval = FAST_PROBE_INTERVAL;
     loop {
         if probe_http(address).await {
             return;
         }
         tokio::time::sleep(interval).await;
-        interval = (interval + Duration::from_millis(1)).min(Duration::from_millis(10));
+        if tokio::time::Instant::now() >= fast_until {
+            interval = (interval + Duration::from_millis(1)).min(Duration::from_millis(10));
+        }
     }
 }
+
+/// How often [`wait_for_http`] probes at first (tokio's timer resolution).
+pub const FAST_PROBE_INTERVAL: Duration = Duration::from_millis(1);
+/// How long [`wait_for_http`] probes every [`FAST_PROBE_INTERVAL`] before backing off.
+pub const FAST_PROBE_PERIOD: Duration = Duration::from_millis(250);
 
 /// One readiness attempt; true if an HTTP status line came back.
 pub async fn probe_http(address: SocketAddr) -> bool {
