@@ -131,6 +131,8 @@ pub struct TestCluster {
     extra_controllers: Vec<(String, Option<Component>)>,
     drone: Option<Component>,
     proxy: Option<Component>,
+    /// More proxies of the cluster, from [`TestCluster::add_proxy`].
+    extra_proxies: Vec<Component>,
     /// Backends started through [`TestCluster::connect`], killed at shutdown.
     spawned: std::sync::Mutex<Vec<BackendName>>,
     dir: tempfile::TempDir,
@@ -186,6 +188,7 @@ impl TestCluster {
             controller_name: ControllerName::new_random(),
             controller: None,
             extra_controllers: Vec::new(),
+            extra_proxies: Vec::new(),
             drone: None,
             proxy: None,
             spawned: Default::default(),
@@ -248,6 +251,26 @@ impl TestCluster {
         });
         self.extra_controllers.push((url.clone(), Some(component)));
         Ok(url)
+    }
+
+    /// Starts another proxy of the cluster, connected to the first controller, on a
+    /// port of its own; returns its address. Clients must send the cluster name as
+    /// the Host: [`TestCluster::http_via`] does.
+    pub async fn add_proxy(&mut self) -> anyhow::Result<SocketAddr> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let proxy = self.spawn_proxy(listener);
+        self.extra_proxies.push(proxy);
+        Ok(addr)
+    }
+
+    /// A GET of `url` (a URL on the cluster's host, such as a connect response's)
+    /// sent to the proxy at `proxy`, with the cluster name as its Host.
+    pub fn http_via(&self, proxy: SocketAddr, url: &str) -> reqwest::RequestBuilder {
+        let path = url.split_once(self.cluster.as_str()).map_or(url, |(_, path)| path);
+        self.http
+            .get(format!("http://{proxy}{path}"))
+            .header(reqwest::header::HOST, self.cluster.as_str())
     }
 
     /// Stops a controller started by [`TestCluster::add_controller`].
@@ -470,9 +493,10 @@ impl TestCluster {
             }
         }
         let extra = self.extra_controllers.drain(..).filter_map(|(_, c)| c);
-        for c in [self.proxy.take(), self.drone.take(), self.controller.take()]
+        let proxies: Vec<Component> = self.extra_proxies.drain(..).chain(self.proxy.take()).collect();
+        for c in proxies
             .into_iter()
-            .flatten()
+            .chain([self.drone.take(), self.controller.take()].into_iter().flatten())
             .chain(extra)
         {
             c.stop().await?;

@@ -1,26 +1,21 @@
-//! Benchmarks (not tests): cold start and proxy overhead, each next to a baseline
-//! measured in the same run, since only ratios are stable on a noisy machine.
+//! Benchmark (not a test): process-runtime cold start next to a baseline measured in
+//! the same run, interleaved, since only ratios are stable on a noisy machine.
 //!
-//! * cold start: `POST /ctrl/connect` → `ready` on the status stream, for the demo
-//!   backend on the process runtime, against the baseline of spawning the same
-//!   `plane demo-backend` directly and polling its port until it answers HTTP;
-//! * proxy overhead: a GET through the proxy against the same GET sent straight to the
-//!   backend, on kept-alive connections.
+//! * **plane:** `POST /ctrl/connect` → `ready` on the status stream, for the demo
+//!   backend on the process runtime;
+//! * **baseline:** spawning the same `plane demo-backend` directly and polling its port
+//!   (every millisecond) until it answers HTTP.
 //!
-//! Run: `cargo bench -p plane --bench cold_start` (`PLANE_BENCH_SPAWNS`, default 200;
-//! `PLANE_BENCH_REQUESTS`, default 2000).
+//! Run: `cargo bench -p plane --bench cold_start` (`PLANE_BENCH_SPAWNS`, default 200).
+//! The proxy's overhead is the `proxy` bench.
 
 mod common;
 
-use common::{summarize, Summary};
+use common::{env_usize, Report};
 use plane_tests::{Options, TestCluster};
 use plane_types::status::BackendStatus;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// Spawns the demo backend directly and polls until it answers HTTP (the floor any
 /// orchestrator pays on this machine).
@@ -50,7 +45,6 @@ async fn baseline_spawn(binary: &str) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let binary = env!("CARGO_BIN_EXE_plane");
     let spawns = env_usize("PLANE_BENCH_SPAWNS", 200);
-    let requests = env_usize("PLANE_BENCH_REQUESTS", 2000);
     let mut options = Options::new(binary);
     // Production-like timings where they matter to cold start; none of these is on
     // the critical path except the route wait, which is not hit.
@@ -79,59 +73,21 @@ async fn main() -> anyhow::Result<()> {
         tc.client.hard_terminate(&res.backend_id).await?;
         ids.push(res.backend_id);
     }
-    let plane = summarize(plane_ms);
-    let base = summarize(base_ms);
     println!("\ncold start, demo backend, process runtime");
-    print_ms("plane: connect -> ready", &plane);
-    print_ms("baseline: spawn -> answers HTTP", &base);
-    println!(
-        "{:<40} p50 x{:.2}  p99 x{:.2}",
-        "ratio plane/baseline",
-        plane.p50 / base.p50,
-        plane.p99 / base.p99
+    let mut report = Report::new("cold_start");
+    let plane = report.series("plane: connect -> ready", "ms", plane_ms, 3);
+    report.series("baseline: spawn -> answers HTTP", "ms", base_ms, 3);
+    report.compare(
+        "process cold start",
+        "plane: connect -> ready",
+        "baseline: spawn -> answers HTTP",
+        false,
     );
+    report.target("process cold start, p50", plane.p50, "ms", "<=", 10.0);
+    report.target("process cold start, p99", plane.p99, "ms", "<=", 30.0);
+    report.finish()?;
     for id in &ids {
         tc.wait_status(id, BackendStatus::Terminated).await?;
     }
-
-    // Proxy overhead on one ready backend.
-    let res = tc.connect_ready(&tc.demo_request("proxy-bench")).await?;
-    let addr = tc
-        .store
-        .backend(&res.backend_id)
-        .await?
-        .and_then(|b| b.address)
-        .expect("address");
-    let direct = reqwest::Client::new();
-    let (mut via_proxy, mut straight) = (Vec::with_capacity(requests), Vec::with_capacity(requests));
-    for _ in 0..20 {
-        tc.http.get(format!("{}env", res.url)).send().await?.bytes().await?;
-        direct.get(format!("http://{addr}/env")).send().await?.bytes().await?;
-    }
-    for _ in 0..requests {
-        let t = Instant::now();
-        direct.get(format!("http://{addr}/env")).send().await?.bytes().await?;
-        straight.push(t.elapsed().as_secs_f64() * 1000.0);
-        let t = Instant::now();
-        tc.http.get(format!("{}env", res.url)).send().await?.bytes().await?;
-        via_proxy.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    let p = summarize(via_proxy);
-    let d = summarize(straight);
-    println!("\nHTTP GET latency, kept-alive connections");
-    print_ms("through the proxy", &p);
-    print_ms("baseline: direct to backend", &d);
-    println!(
-        "{:<40} p50 x{:.2}  p99 x{:.2}",
-        "ratio proxy/direct",
-        p.p50 / d.p50,
-        p.p99 / d.p99
-    );
-    tc.client.hard_terminate(&res.backend_id).await?;
-    tc.wait_status(&res.backend_id, BackendStatus::Terminated).await?;
     tc.shutdown().await
-}
-
-fn print_ms(name: &str, s: &Summary) {
-    common::print(name, s, 3);
 }

@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{summarize, Summary};
+use common::Report;
 use plane_drone::config::DockerRuntimeConfig;
 use plane_tests::{Options, TestCluster};
 use plane_types::status::BackendStatus;
@@ -110,21 +110,19 @@ async fn main() -> anyhow::Result<()> {
             base_ms.push(base);
         }
     }
-    let plane = summarize(plane_ms);
-    let base = summarize(base_ms);
     println!("\ncold start, demo image (FROM scratch, cached), Docker runtime");
-    print_ms("plane: connect -> ready", &plane);
-    print_ms("baseline: docker run -> answers HTTP", &base);
-    println!(
-        "{:<40} p50 {:+.1} ms  p99 {:+.1} ms  (p50 x{:.2})",
-        "overhead plane - baseline",
-        plane.p50 - base.p50,
-        plane.p99 - base.p99,
-        plane.p50 / base.p50
+    let mut report = Report::new("docker_cold_start");
+    let plane = report.series("plane: connect -> ready", "ms", plane_ms, 1);
+    let base = report.series("baseline: docker run -> answers HTTP", "ms", base_ms, 1);
+    report.compare(
+        "Docker cold start",
+        "plane: connect -> ready",
+        "baseline: docker run -> answers HTTP",
+        false,
     );
+    let overhead = report.value("overhead at p50, plane - baseline", "ms", plane.p50 - base.p50);
+    report.value("overhead at p99, plane - baseline", "ms", plane.p99 - base.p99);
+    report.target("Docker cold start overhead, p50", overhead, "ms", "<=", 15.0);
+    report.finish()?;
     tc.shutdown().await
-}
-
-fn print_ms(name: &str, s: &Summary) {
-    common::print(name, s, 1);
 }

@@ -36,8 +36,9 @@
 //! over `PLANE_BENCH_ROUNDS`, default 2; `PLANE_BENCH_COUNT_CONNECTS`, default 2000;
 //! `PLANE_BENCH_STATS_FLUSH_SECONDS`, default 11).
 
-#[allow(dead_code)] // Shared with the other benches; this one prints its own table.
 mod common;
+
+use common::{env_f64, env_usize, Report};
 
 use anyhow::{bail, ensure, Context};
 use plane_tests::{Options, TestCluster};
@@ -52,13 +53,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn env_f64(name: &str, default: f64) -> f64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// A route under load.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -629,6 +623,12 @@ fn print_table(target: &Target, series: &[(Route, Series)]) {
     );
 }
 
+/// Round trips (server `ReadyForQuery`) per connect, minus the scaled background.
+fn counted_round_trips(c: &Counted) -> f64 {
+    let scale = c.window_secs / c.background_secs;
+    (c.wire.down(b'Z') as f64 - c.background.down(b'Z') as f64 * scale) / c.connects as f64
+}
+
 fn print_counted(c: &Counted, after: &DbStats) {
     let n = c.connects as f64;
     let w = &c.wire;
@@ -840,19 +840,33 @@ async fn run(loadgen: tokio::runtime::Handle, config: Config) -> anyhow::Result<
     for (t, res) in targets.iter().zip(&results) {
         print_table(t, res);
     }
+    let mut report = Report::new("warm_connect");
+    println!();
+    for (t, res) in targets.iter().zip(&results) {
+        for (route, series) in res {
+            report.value(&format!("{}: {}", t.store, route.label()), "req/s", series.rate());
+        }
+        report.compare(
+            &format!("{}: warm connect against the cheapest store route", t.store),
+            &format!("{}: {}", t.store, Route::Connect.label()),
+            &format!("{}: {}", t.store, Route::Health.label()),
+            true,
+        );
+    }
     let pg_connect = results[1][2].1.rate();
-    println!(
-        "\n{:<30} {:.0} warm connects/s on PostgreSQL (target 2000: {})",
-        "target",
-        pg_connect,
-        if pg_connect >= 2000.0 { "met" } else { "missed" }
-    );
+    report.target("warm connects/s on PostgreSQL", pg_connect, "req/s", ">=", 2000.0);
 
     // The statistics of the counting window, once every backend has flushed them.
     let settle = (counting.last_activity + flush_wait).saturating_duration_since(Instant::now());
     tokio::time::sleep(settle).await;
     let after = db_stats(&mut counting.monitor, &counting.database).await?;
     print_counted(&counted, &after);
+    report.value(
+        "PostgreSQL round trips per warm connect",
+        "round trips",
+        counted_round_trips(&counted),
+    );
+    report.finish()?;
 
     for tc in [sqlite_cluster, pg_cluster, counting.cluster] {
         shut_down(tc).await?;
