@@ -62,6 +62,10 @@ pub struct Options {
     pub ctrl_token: Option<String>,
     /// How long connection tokens stay valid (`None`: for the backend's life).
     pub token_ttl: Option<Duration>,
+    /// The cluster name (`None`: `localhost:<proxy port>`, which the built-in proxy and
+    /// [`TestCluster::http`] serve). Another name suits a proxy the test runs itself,
+    /// such as an HTTPS one with an ACME certificate for a name without a port.
+    pub cluster: Option<ClusterName>,
 }
 
 impl Options {
@@ -81,6 +85,7 @@ impl Options {
             postgres_url: None,
             ctrl_token: None,
             token_ttl: None,
+            cluster: None,
         }
     }
 }
@@ -111,7 +116,7 @@ pub struct TestCluster {
     pub options: Options,
     /// The controller's URL.
     pub controller_url: String,
-    /// The cluster name (`localhost:<proxy port>`).
+    /// The cluster name (`localhost:<proxy port>` unless [`Options::cluster`] says).
     pub cluster: ClusterName,
     /// Where the proxy listens.
     pub proxy_addr: SocketAddr,
@@ -168,7 +173,10 @@ impl TestCluster {
         let controller_addr = controller_listener.local_addr()?;
         let proxy_listener = TcpListener::bind("127.0.0.1:0").await?;
         let proxy_addr = proxy_listener.local_addr()?;
-        let cluster: ClusterName = format!("localhost:{}", proxy_addr.port()).parse()?;
+        let cluster: ClusterName = match &options.cluster {
+            Some(cluster) => cluster.clone(),
+            None => format!("localhost:{}", proxy_addr.port()).parse()?,
+        };
         let controller_url = format!("http://{controller_addr}");
         let http = reqwest::Client::builder().resolve("localhost", proxy_addr).build()?;
         let mut client = PlaneClient::new(&controller_url)?;
