@@ -945,7 +945,10 @@ async fn run_windows(
             let mut next_key = 0usize;
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            while enabled {
+            if !enabled {
+                return anyhow::Ok((live, gone));
+            }
+            loop {
                 tokio::select! {
                     () = stop.cancelled() => break,
                     _ = tick.tick() => {}

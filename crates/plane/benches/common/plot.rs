@@ -6,9 +6,11 @@ use super::Report;
 use std::fmt::Write;
 use std::path::Path;
 
-const WIDTH: f64 = 860.0;
-const LABEL_W: f64 = 250.0;
-const BAR_W: f64 = 470.0;
+const WIDTH: f64 = 960.0;
+const LABEL_W: f64 = 330.0;
+const BAR_W: f64 = 480.0;
+/// Longer bar labels are cut (with an ellipsis) to fit left of the bars.
+const LABEL_CHARS: usize = 56;
 const BAR_H: f64 = 14.0;
 const PLANE: &str = "#3367d6";
 const BASELINE: &str = "#9aa0a6";
@@ -121,7 +123,7 @@ fn render(reports: &[Report]) -> String {
                 let _ = writeln!(
                     body,
                     r#"<text x="{tx}" y="{ty}" font-size="11" text-anchor="end">{}</text><rect x="{LABEL_W}" y="{y}" width="{w:.1}" height="{BAR_H}" fill="{}"/><text x="{vx:.1}" y="{ty}" font-size="11">{} {}</text>"#,
-                    escape(&bar.label),
+                    escape(&shorten(&bar.label)),
                     bar.colour,
                     number(bar.value),
                     escape(&bar.unit),
@@ -161,6 +163,15 @@ fn render(reports: &[Report]) -> String {
 "#,
         h = y + 10.0
     )
+}
+
+fn shorten(label: &str) -> String {
+    if label.chars().count() <= LABEL_CHARS {
+        return label.to_string();
+    }
+    let mut cut: String = label.chars().take(LABEL_CHARS - 1).collect();
+    cut.push('…');
+    cut
 }
 
 fn number(v: f64) -> String {
