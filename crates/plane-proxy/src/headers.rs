@@ -43,6 +43,20 @@ pub(crate) fn match_host(host: &str, cluster: &ClusterName) -> Option<HostMatch>
     match_names(host, cluster.as_str())
 }
 
+/// Like [`match_host`], for an HTTPS listener that clients reach on `public_port`: a
+/// cluster named without a port (as ACME needs; served on 443 by default) also matches
+/// a Host that names `public_port`, as browsers send it when the port is not 443.
+pub(crate) fn match_https_host(host: &str, cluster: &ClusterName, public_port: u16) -> Option<HostMatch> {
+    match_host(host, cluster).or_else(|| {
+        let name = strip_port(host);
+        let port = host.get(name.len() + 1..)?.parse::<u16>().ok()?;
+        let cluster = cluster.as_str();
+        (port == public_port && strip_port(cluster) == cluster)
+            .then(|| match_names(name, cluster))
+            .flatten()
+    })
+}
+
 /// Like [`match_host`], but ignoring the ports of both: for the HTTP port of an HTTPS
 /// proxy, which clients reach on another port than the cluster name's.
 pub(crate) fn match_hostname(host: &str, cluster: &ClusterName) -> Option<HostMatch> {
@@ -248,6 +262,25 @@ mod tests {
             "plane.example.com",
             Some(Subdomain("a.b".into())),
         );
+    }
+
+    #[test]
+    fn https_hosts_may_name_the_public_port() {
+        use HostMatch::*;
+        let c = cluster("plane.test");
+        assert_eq!(match_https_host("plane.test", &c, 8443), Some(Cluster));
+        assert_eq!(match_https_host("plane.test:8443", &c, 8443), Some(Cluster));
+        assert_eq!(
+            match_https_host("App.Plane.Test:8443", &c, 8443),
+            Some(Subdomain("app".into()))
+        );
+        assert_eq!(match_https_host("plane.test:8444", &c, 8443), None);
+        assert_eq!(match_https_host("plane.test:", &c, 8443), None);
+        assert_eq!(match_https_host("evil.test:8443", &c, 8443), None);
+        // A cluster named with a port keeps matching exactly.
+        let c = cluster("plane.test:9000");
+        assert_eq!(match_https_host("plane.test:9000", &c, 8443), Some(Cluster));
+        assert_eq!(match_https_host("plane.test:8443", &c, 8443), None);
     }
 
     #[test]

@@ -165,7 +165,10 @@ fn https_listeners(
     };
     let mut listeners = vec![(
         https,
-        proxy::Mode::Https(tokio_rustls::TlsAcceptor::from(certs.server_config())),
+        proxy::Mode::Https {
+            acceptor: tokio_rustls::TlsAcceptor::from(certs.server_config()),
+            public_port: https_port,
+        },
     )];
     if let Some(http) = http {
         listeners.push((http, proxy::Mode::Redirect { https_port }));
@@ -188,6 +191,11 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let socket_urls = config.validate()?;
+    if socket_urls.iter().any(|u| u.starts_with("wss://")) {
+        // A controller behind TLS (`https://` URLs): the WebSocket client's rustls
+        // needs a provider; pick ring unless the process already chose one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
     // Cancelled when `shutdown` is, and when this future ends or is dropped.
     let stop = shutdown.child_token();
     let _stop_on_drop = stop.clone().drop_guard();
@@ -196,7 +204,7 @@ async fn serve(
     for (listener, mode) in &listeners {
         let kind = match mode {
             proxy::Mode::Http => "http",
-            proxy::Mode::Https(_) => "https",
+            proxy::Mode::Https { .. } => "https",
             proxy::Mode::Redirect { .. } => "http (redirect to https)",
         };
         tracing::info!(

@@ -26,8 +26,8 @@
 use crate::activity::ConnectionKind;
 use crate::config::ProxyLimits;
 use crate::headers::{
-    add_response_headers, is_upgrade_request, match_host, match_hostname, remove_hop_by_hop, set_forwarded,
-    set_verified, strip_port, strip_verified, subdomain_allowed,
+    add_response_headers, is_upgrade_request, match_host, match_hostname, match_https_host, remove_hop_by_hop,
+    set_forwarded, set_verified, strip_port, strip_verified, subdomain_allowed,
 };
 use crate::metrics::{Gauge, GaugeGuard};
 use crate::path::{split_token, PathError, TokenPath};
@@ -130,7 +130,12 @@ pub(crate) enum Mode {
     /// Plain HTTP (HTTP/1.1, or HTTP/2 with prior knowledge), proxied.
     Http,
     /// TLS, HTTP/2 or HTTP/1.1 by ALPN, proxied.
-    Https(TlsAcceptor),
+    Https {
+        acceptor: TlsAcceptor,
+        /// The port clients reach this listener on: a Host naming it matches a cluster
+        /// named without a port (as ACME needs), see [`match_https_host`].
+        public_port: u16,
+    },
     /// Plain HTTP that redirects every request (but `/ready` and `/metrics`) to
     /// `https://<host>[:https_port]/…`.
     Redirect {
@@ -231,7 +236,7 @@ async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, remote: SocketAddr) 
     let gauge = ctx.shared.metrics.open(Gauge::Connections);
     let limits = &ctx.shared.config.limits;
     match &ctx.mode {
-        Mode::Https(acceptor) => {
+        Mode::Https { acceptor, .. } => {
             let handshake = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream));
             let tls = tokio::select! {
                 _ = ctx.stop.cancelled() => return,
@@ -527,7 +532,7 @@ async fn handle(ctx: &Ctx, info: ConnInfo, req: Request<Incoming>) -> Response<P
     let method = req.method().clone();
     let result = match &ctx.mode {
         Mode::Redirect { https_port } => redirect(ctx, *https_port, &req),
-        Mode::Http | Mode::Https(_) => forward(ctx, info, req).await,
+        Mode::Http | Mode::Https { .. } => forward(ctx, info, req).await,
     };
     match result {
         Ok(response) => response,
@@ -583,7 +588,11 @@ async fn forward(ctx: &Ctx, info: ConnInfo, mut req: Request<Incoming>) -> Resul
     let shared = &ctx.shared;
     let limits = &shared.config.limits;
     let host = request_host(&req)?.to_owned();
-    let host_match = match_host(&host, &shared.config.cluster).ok_or(ProxyError::ForeignHost)?;
+    let host_match = match ctx.mode {
+        Mode::Https { public_port, .. } => match_https_host(&host, &shared.config.cluster, public_port),
+        _ => match_host(&host, &shared.config.cluster),
+    }
+    .ok_or(ProxyError::ForeignHost)?;
     let original_path = req.uri().path().to_owned();
     let TokenPath {
         token,
@@ -682,7 +691,7 @@ async fn forward(ctx: &Ctx, info: ConnInfo, mut req: Request<Incoming>) -> Resul
             let join = async {
                 let (client_io, backend_io) = tokio::try_join!(client_upgrade, backend_upgrade)?;
                 let (mut client_io, mut backend_io) = (TokioIo::new(client_io), TokioIo::new(backend_io));
-                let bytes = tokio::io::copy_bidirectional(&mut client_io, &mut backend_io).await?;
+                let bytes = splice(&mut client_io, &mut backend_io).await?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(bytes)
             };
             tokio::select! {
@@ -710,6 +719,127 @@ async fn forward(ctx: &Ctx, info: ConnInfo, mut req: Request<Incoming>) -> Resul
         }
         .boxed(),
     ))
+}
+
+/// The largest chunk [`splice`] moves per read; it lives on the stack of the poll.
+const SPLICE_CHUNK: usize = 8 * 1024;
+
+/// Reads per direction and poll before [`splice`] yields to other tasks.
+const SPLICE_READS_PER_POLL: usize = 32;
+
+/// Copies both ways between an upgraded client connection and its backend connection
+/// until both directions have ended, like `tokio::io::copy_bidirectional` (a direction
+/// ends at its reader's EOF, then its writer is shut down; the first error ends both),
+/// but without a buffer per direction held for the connection's whole life: each read
+/// goes into a buffer on the stack and is written straight on, and only bytes the writer
+/// does not take at once are kept, on the heap, until they are written. An idle
+/// WebSocket holds no copy buffer. Returns the bytes copied client → backend and back.
+async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut a_to_b, mut b_to_a) = (Pipe::default(), Pipe::default());
+    std::future::poll_fn(|cx| {
+        let up = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
+        let down = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        match (up, down) {
+            (Poll::Ready(up), Poll::Ready(down)) => Poll::Ready(Ok((up, down))),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// One direction of [`splice`].
+#[derive(Default)]
+struct Pipe {
+    /// Bytes read but not yet taken by the writer, from this offset on.
+    unwritten: Option<(Box<[u8]>, usize)>,
+    /// Bytes were written since the last flush.
+    need_flush: bool,
+    /// The reader reached EOF.
+    eof: bool,
+    /// The writer is shut down: this direction is over.
+    done: bool,
+    copied: u64,
+}
+
+impl Pipe {
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(self.copied));
+        }
+        for _ in 0..SPLICE_READS_PER_POLL {
+            if let Some((bytes, from)) = &mut self.unwritten {
+                while *from < bytes.len() {
+                    let n = ready!(writer.as_mut().poll_write(cx, &bytes[*from..]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    *from += n;
+                    self.copied += n as u64;
+                    self.need_flush = true;
+                }
+                self.unwritten = None;
+            }
+            if self.eof {
+                if self.need_flush {
+                    ready!(writer.as_mut().poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                ready!(writer.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(self.copied));
+            }
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); SPLICE_CHUNK];
+            let mut buf = ReadBuf::uninit(&mut chunk);
+            match reader.as_mut().poll_read(cx, &mut buf) {
+                Poll::Ready(result) => result?,
+                Poll::Pending => {
+                    if self.need_flush {
+                        ready!(writer.as_mut().poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+            let read = buf.filled();
+            if read.is_empty() {
+                self.eof = true;
+                continue;
+            }
+            let mut from = 0;
+            while from < read.len() {
+                match writer.as_mut().poll_write(cx, &read[from..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        from += n;
+                        self.copied += n as u64;
+                        self.need_flush = true;
+                    }
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                    Poll::Pending => {
+                        // Only now is a heap buffer needed, for what the writer left.
+                        self.unwritten = Some((read[from..].into(), 0));
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+        // Many reads in a row: let other tasks run, then go on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
 }
 
 /// Whether a backend connection failed by timing out.
@@ -817,6 +947,65 @@ fn text_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One end of a spliced connection: writes `send` then shuts its side down, and
+    /// reads until the other side's EOF.
+    async fn peer(io: tokio::io::DuplexStream, send: Vec<u8>) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut read, mut write) = tokio::io::split(io);
+        let writer = async move {
+            write.write_all(&send).await.unwrap();
+            write.shutdown().await.unwrap();
+        };
+        let reader = async move {
+            let mut got = Vec::new();
+            read.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        tokio::join!(writer, reader).1
+    }
+
+    #[tokio::test]
+    async fn splice_copies_both_ways_through_back_pressure_and_passes_eof_on() {
+        // 64-byte pipes: every write of a chunk is cut short, so the leftovers are kept
+        // and written later.
+        let (client, mut from_client) = tokio::io::duplex(64);
+        let (mut to_backend, backend) = tokio::io::duplex(64);
+        let up: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        let spliced = tokio::spawn(async move { splice(&mut from_client, &mut to_backend).await });
+        let (at_backend, at_client) = tokio::join!(peer(backend, down.clone()), peer(client, up.clone()));
+        assert!(at_backend == up, "client → backend bytes differ");
+        assert!(at_client == down, "backend → client bytes differ");
+        let copied = tokio::time::timeout(Duration::from_secs(5), spliced)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(copied, (up.len() as u64, down.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn splice_keeps_the_open_direction_after_one_side_ends() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, mut from_client) = tokio::io::duplex(1024);
+        let (mut to_backend, mut backend) = tokio::io::duplex(1024);
+        let spliced = tokio::spawn(async move { splice(&mut from_client, &mut to_backend).await });
+        // The client is done sending: the backend sees EOF, and can still answer.
+        client.shutdown().await.unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(backend.read(&mut buf).await.unwrap(), 0);
+        backend.write_all(b"late reply").await.unwrap();
+        let n = client.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"late reply");
+        drop(backend);
+        let copied = tokio::time::timeout(Duration::from_secs(5), spliced)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(copied, (0, 10));
+    }
 
     fn limits() -> ProxyLimits {
         ProxyLimits {

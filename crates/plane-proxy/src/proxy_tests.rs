@@ -91,7 +91,13 @@ impl Harness {
                 let redirect_addr = redirect.local_addr().unwrap();
                 let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config());
                 let servers = vec![
-                    spawn(listener, Mode::Https(acceptor)),
+                    spawn(
+                        listener,
+                        Mode::Https {
+                            acceptor,
+                            public_port: addr.port(),
+                        },
+                    ),
                     spawn(
                         redirect,
                         Mode::Redirect {

@@ -326,3 +326,31 @@ async fn run_https_serves_until_shutdown() {
         tokio::time::timeout(DEADLINE, run).await.unwrap().unwrap().unwrap();
     }
 }
+
+/// A proxy given an `https://` controller URL speaks TLS to it (`wss://`), and keeps
+/// retrying when the handshake fails.
+#[tokio::test]
+async fn https_controller_urls_use_tls_and_are_retried() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = ProxyConfig::new(
+        format!("https://{}", listener.local_addr().unwrap()),
+        CLUSTER.parse().unwrap(),
+    );
+    config.reconnect_min = Duration::from_millis(10);
+    config.reconnect_max = Duration::from_millis(50);
+    let shutdown = CancellationToken::new();
+    let proxy = tokio::spawn(crate::run(proxy_listener, config, shutdown.clone()));
+    for _ in 0..2 {
+        let (mut tcp, _) = tokio::time::timeout(DEADLINE, listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        // A TLS handshake starts with a handshake record (content type 22).
+        let mut first = [0u8; 1];
+        tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut first).await.unwrap();
+        assert_eq!(first[0], 22);
+    }
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, proxy).await.unwrap().unwrap().unwrap();
+}

@@ -35,7 +35,11 @@ fn ms(d: Duration) -> f64 {
 /// A process's CPU time (user + system), from `/proc/<pid>/stat`.
 fn cpu(pid: u32) -> Duration {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = text.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     // After the command name: state is field 0, utime 11, stime 12; USER_HZ is 100.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
@@ -82,7 +86,12 @@ fn backend_pid(port: u16) -> anyhow::Result<u32> {
 
 /// `host`: the Host header to send (the cluster name, for the proxy).
 async fn wrk(url: &str, host: Option<&str>, connections: usize, seconds: usize) -> anyhow::Result<Wrk> {
-    let mut args = vec!["-t1".to_string(), format!("-c{connections}"), format!("-d{seconds}s"), "--latency".into()];
+    let mut args = vec![
+        "-t1".to_string(),
+        format!("-c{connections}"),
+        format!("-d{seconds}s"),
+        "--latency".into(),
+    ];
     if let Some(host) = host {
         args.extend(["-H".into(), format!("Host: {host}")]);
     }
@@ -93,12 +102,18 @@ async fn wrk(url: &str, host: Option<&str>, connections: usize, seconds: usize) 
         .await
         .context("running wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "wrk failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Any non-2xx answer or socket error would make the numbers meaningless.
-    ensure!(!text.contains("Non-2xx") && !text.contains("Socket errors"), "wrk saw errors:\n{text}");
-    let field = |prefix: &str| -> Option<&str> {
-        text.lines().find_map(|l| l.trim().strip_prefix(prefix)).map(str::trim)
-    };
+    ensure!(
+        !text.contains("Non-2xx") && !text.contains("Socket errors"),
+        "wrk saw errors:\n{text}"
+    );
+    let field =
+        |prefix: &str| -> Option<&str> { text.lines().find_map(|l| l.trim().strip_prefix(prefix)).map(str::trim) };
     let parsed = (|| {
         let requests_per_s = field("Requests/sec:")?.parse().ok()?;
         let p50_ms = wrk_ms(field("50%")?)?;
@@ -110,7 +125,12 @@ async fn wrk(url: &str, host: Option<&str>, connections: usize, seconds: usize) 
             .next()?
             .parse()
             .ok()?;
-        Some(Wrk { requests_per_s, p50_ms, p99_ms, requests })
+        Some(Wrk {
+            requests_per_s,
+            p50_ms,
+            p99_ms,
+            requests,
+        })
     })();
     parsed.with_context(|| format!("unexpected wrk output:\n{text}"))
 }
@@ -148,13 +168,24 @@ async fn main() -> anyhow::Result<()> {
     options.sweep_interval = Duration::from_secs(1);
     let tc = TestCluster::start(options).await?;
     let res = tc.connect_ready(&tc.demo_request("proxy-bench")).await?;
-    let addr = tc.store.backend(&res.backend_id).await?.and_then(|b| b.address).context("backend address")?;
+    let addr = tc
+        .store
+        .backend(&res.backend_id)
+        .await?
+        .and_then(|b| b.address)
+        .context("backend address")?;
     let backend = backend_pid(addr.port())?;
 
     // The proxy under test: its own process, as in production.
     let port = plane_tests::free_port();
     let mut proxy = tokio::process::Command::new(env!("CARGO_BIN_EXE_plane"))
-        .args(["proxy", "--controller-url", &tc.controller_url, "--cluster", tc.cluster.as_str()])
+        .args([
+            "proxy",
+            "--controller-url",
+            &tc.controller_url,
+            "--cluster",
+            tc.cluster.as_str(),
+        ])
         .args(["--host", "127.0.0.1", "--http-port", &port.to_string()])
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
@@ -162,7 +193,11 @@ async fn main() -> anyhow::Result<()> {
         .context("starting plane proxy")?;
     let proxy_pid = proxy.id().context("proxy pid")?;
     let host = tc.cluster.as_str().to_string();
-    let token_path = res.url.split_once(&host).map(|(_, path)| path.to_string()).context("token path in the URL")?;
+    let token_path = res
+        .url
+        .split_once(&host)
+        .map(|(_, path)| path.to_string())
+        .context("token path in the URL")?;
     let via_proxy = format!("http://127.0.0.1:{port}{token_path}state");
     let direct = format!("http://{addr}/state");
     println!("through the proxy: {via_proxy} (Host: {host})\ndirect:            {direct}\n");
@@ -209,7 +244,12 @@ async fn main() -> anyhow::Result<()> {
     println!("HTTP GET latency, one request at a time, kept-alive connection");
     let ps = report.series("GET through the proxy", "ms", p, 3);
     let ds = report.series("GET direct to the backend", "ms", d, 3);
-    report.compare("GET latency", "GET through the proxy", "GET direct to the backend", false);
+    report.compare(
+        "GET latency",
+        "GET through the proxy",
+        "GET direct to the backend",
+        false,
+    );
     let added_p50 = report.value("added latency, p50", "ms", ps.p50 - ds.p50);
     report.value("added latency, p99", "ms", ps.p99 - ds.p99);
 
@@ -237,18 +277,44 @@ async fn main() -> anyhow::Result<()> {
         proxy_runs.push(p);
     }
     let mean = |runs: &[Wrk], f: fn(&Wrk) -> f64| runs.iter().map(f).sum::<f64>() / runs.len() as f64;
-    let proxy_rate = report.value("throughput through the proxy", "req/s", mean(&proxy_runs, |w| w.requests_per_s));
-    let direct_rate = report.value("throughput direct to the backend", "req/s", mean(&direct_runs, |w| w.requests_per_s));
-    report.compare("HTTP/1.1 keep-alive throughput", "throughput through the proxy", "throughput direct to the backend", true);
-    report.value("under load: p50 through the proxy", "ms", mean(&proxy_runs, |w| w.p50_ms));
+    let proxy_rate = report.value(
+        "throughput through the proxy",
+        "req/s",
+        mean(&proxy_runs, |w| w.requests_per_s),
+    );
+    let direct_rate = report.value(
+        "throughput direct to the backend",
+        "req/s",
+        mean(&direct_runs, |w| w.requests_per_s),
+    );
+    report.compare(
+        "HTTP/1.1 keep-alive throughput",
+        "throughput through the proxy",
+        "throughput direct to the backend",
+        true,
+    );
+    report.value(
+        "under load: p50 through the proxy",
+        "ms",
+        mean(&proxy_runs, |w| w.p50_ms),
+    );
     report.value("under load: p50 direct", "ms", mean(&direct_runs, |w| w.p50_ms));
-    report.value("under load: p99 through the proxy", "ms", mean(&proxy_runs, |w| w.p99_ms));
+    report.value(
+        "under load: p99 through the proxy",
+        "ms",
+        mean(&proxy_runs, |w| w.p99_ms),
+    );
     report.value("under load: p99 direct", "ms", mean(&direct_runs, |w| w.p99_ms));
     let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     report.value("CPU per request: proxy process", "µs", avg(&proxy_cpu_us));
     report.value("CPU per request: backend, proxied", "µs", avg(&backend_proxied_us));
     report.value("CPU per request: backend, direct", "µs", avg(&backend_direct_us));
-    report.compare("CPU per request", "CPU per request: proxy process", "CPU per request: backend, direct", false);
+    report.compare(
+        "CPU per request",
+        "CPU per request: proxy process",
+        "CPU per request: backend, direct",
+        false,
+    );
 
     // WebSocket echo.
     let ws_url = |http: &str| http.replacen("http://", "ws://", 1);
@@ -271,7 +337,12 @@ async fn main() -> anyhow::Result<()> {
     println!("\nWebSocket echo (ping → pong), one at a time");
     report.series("WebSocket echo through the proxy", "ms", p, 3);
     report.series("WebSocket echo direct", "ms", d, 3);
-    report.compare("WebSocket echo RTT", "WebSocket echo through the proxy", "WebSocket echo direct", false);
+    report.compare(
+        "WebSocket echo RTT",
+        "WebSocket echo through the proxy",
+        "WebSocket echo direct",
+        false,
+    );
     let _ = proxy_ws.close(None).await;
     let _ = direct_ws.close(None).await;
 

@@ -53,7 +53,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-
 /// A route under load.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Route {

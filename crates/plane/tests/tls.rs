@@ -2,9 +2,12 @@
 //! issuance lease and the TXT values, a proxy issues through Debian's `pebble`, which
 //! validates by asking our DNS server (`plane_dns` reading the controller over HTTP,
 //! with the ctrl token). Then clients that trust pebble's root reach the proxy over
-//! TLS, by HTTP/2 and HTTP/1.1, on the bare cluster name and a wildcard subdomain.
+//! TLS, by HTTP/2 and HTTP/1.1, on the bare cluster name and a wildcard subdomain, and
+//! through it real backends (the demo, started by the drone), one of them on its own
+//! subdomain.
 
 use plane_test_pebble::{Pebble, PebbleOptions};
+use plane_tests::{Options, TestCluster};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,21 +17,16 @@ const TOKEN: &str = "tls-test-token";
 
 #[tokio::test]
 async fn a_proxy_gets_its_certificate_through_the_controller_and_our_dns_server() {
-    plane_tests::init_logging();
-    let dir = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
 
-    // The controller.
-    let store = Arc::new(
-        plane_store::sqlite::SqliteStore::open(&dir.path().join("c.db"))
-            .await
-            .unwrap(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let controller_url = format!("http://{}", listener.local_addr().unwrap());
-    let mut config = plane_controller::ControllerConfig::new(store.clone(), controller_url.clone(), None);
-    config.ctrl_token = Some(TOKEN.into());
-    tokio::spawn(plane_controller::serve(listener, config, stop.clone()));
+    // Controller (SQLite), drone and an HTTP proxy of cluster `plane.test`; the proxy
+    // under test is the HTTPS one below.
+    let mut options = Options::new(env!("CARGO_BIN_EXE_plane"));
+    options.ctrl_token = Some(TOKEN.into());
+    options.cluster = Some("plane.test".parse().unwrap());
+    let tc = TestCluster::start(options).await.unwrap();
+    let store = tc.store.clone();
+    let controller_url = tc.controller_url.clone();
 
     // Our DNS server for the zone, reading the controller.
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -53,7 +51,10 @@ async fn a_proxy_gets_its_certificate_through_the_controller_and_our_dns_server(
     let http_addr = http.local_addr().unwrap();
     let mut proxy = plane_proxy::ProxyConfig::new(controller_url.clone(), "plane.test".parse().unwrap());
     proxy.ctrl_token = Some(TOKEN.into());
-    let cert_path = dir.path().join("proxy-cert.pem");
+    // Clients reach it on its own port, not 443: that port is in their Host, and in
+    // the redirects.
+    proxy.https_redirect_port = None;
+    let cert_path = tc.dir().join("proxy-cert.pem");
     let mut acme = plane_proxy::acme::AcmeConfig::new(pebble.directory_url(), &cert_path);
     acme.acme_server_ca = Some(pebble.listener_ca_pem_path());
     acme.retry_after_failure = Duration::from_millis(500);
@@ -111,9 +112,10 @@ async fn a_proxy_gets_its_certificate_through_the_controller_and_our_dns_server(
         }
         b.build().unwrap()
     };
+    let port = https_addr.port();
     for (h2, host) in [(true, "plane.test"), (false, "plane.test"), (true, "app.plane.test")] {
         let resp = client(h2)
-            .get(format!("https://{host}:{}/ready", https_addr.port()))
+            .get(format!("https://{host}:{port}/ready"))
             .send()
             .await
             .unwrap_or_else(|e| panic!("TLS to {host} (h2: {h2}): {e:?}"));
@@ -130,16 +132,48 @@ async fn a_proxy_gets_its_certificate_through_the_controller_and_our_dns_server(
         assert_eq!(resp.status(), 200, "the proxy is connected to the controller");
         // An unknown token over TLS reaches the routing: 410, not a TLS or Host error.
         let gone = client(h2)
-            .get(format!("https://{host}:{}/no-such-token/", https_addr.port()))
+            .get(format!("https://{host}:{port}/no-such-token/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(gone.status(), 410, "{host}");
+    }
+
+    // Real backends through TLS: one on the cluster name, one on its subdomain.
+    let plain_backend = tc.connect_ready(&tc.demo_request("tls-plain")).await.unwrap();
+    let mut on_subdomain = tc.demo_request("tls-subdomain");
+    on_subdomain.spawn_config.as_mut().unwrap().subdomain = Some("app".into());
+    let sub_backend = tc.connect_ready(&on_subdomain).await.unwrap();
+    let env_of = |host: &str, token: &str| format!("https://{host}:{port}/{token}/env");
+    for h2 in [true, false] {
+        for (host, backend) in [("plane.test", &plain_backend), ("app.plane.test", &sub_backend)] {
+            let resp = client(h2)
+                .get(env_of(host, &backend.token))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{host} (h2: {h2}): {e:?}"));
+            assert_eq!(resp.status(), 200, "{host} (h2: {h2})");
+            assert_eq!(resp.headers()["x-plane-backend-id"], backend.backend_id.as_str());
+            let env: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(
+                env["SESSION_BACKEND_ID"],
+                backend.backend_id.as_str(),
+                "{host} (h2: {h2})"
+            );
+        }
+        // The subdomain backend answers only on its subdomain.
+        let wrong = client(h2)
+            .get(env_of("plane.test", &sub_backend.token))
             .send()
             .await
             .unwrap();
         assert!(
-            gone.status() == 410 || gone.status() == 403,
-            "{host}: {}",
-            gone.status()
+            wrong.status().is_client_error(),
+            "the subdomain backend on the bare name: {}",
+            wrong.status()
         );
     }
+
     // The HTTP port redirects to HTTPS, but answers /ready itself.
     let plain = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -154,6 +188,10 @@ async fn a_proxy_gets_its_certificate_through_the_controller_and_our_dns_server(
         .await
         .unwrap();
     assert_eq!(redirect.status(), 308);
-    assert_eq!(redirect.headers()["location"], "https://plane.test/some/path?q=1");
+    assert_eq!(
+        redirect.headers()["location"],
+        format!("https://plane.test:{port}/some/path?q=1").as_str()
+    );
     stop.cancel();
+    tc.shutdown().await.unwrap();
 }

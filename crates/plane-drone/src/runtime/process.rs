@@ -13,6 +13,14 @@
 //!   group is killed.
 //! * Exits of our own children come from `wait`; adopted processes (after a drone restart
 //!   they are no longer our children) are polled through `/proc`, exit code unknown.
+//! * Metrics sum RSS and CPU time over the backend's process group (descendants that were
+//!   reparented but stayed in the group count too). A process group's members can only
+//!   be found by reading every `/proc/<pid>/stat`, so that scan is shared: one scan gives
+//!   every group's usage, and each backend's sample reads a scan at most
+//!   [`PROC_SCAN_MAX_AGE`] old (a new scan is made, one at a time, when the latest is
+//!   older, or predates a group it lacks). The cost is one pass over `/proc` per
+//!   [`PROC_SCAN_MAX_AGE`] at most, whatever the number of backends, instead of one pass
+//!   per backend per sample.
 
 use super::{
     wait_for_http, Adoption, BackendMetrics, BackendSpec, ExitInfo, LoadProgress, Runtime, RuntimeError, RuntimeHandle,
@@ -41,6 +49,13 @@ use tracing::{debug, warn};
 /// How often an adopted process is checked for exit.
 const ADOPTED_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The oldest shared `/proc` scan a metrics sample may be read from (see the module docs).
+const PROC_SCAN_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// CPU samples older than this are dropped (their pids may be reused); checked this often.
+const SAMPLE_RETENTION: Duration = Duration::from_secs(3600);
+const SAMPLE_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// What identifies a backend process across drone restarts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessHandle {
@@ -62,7 +77,9 @@ pub struct ProcessRuntime {
     patterns: Vec<glob::Pattern>,
     children: Arc<Mutex<HashMap<u32, OwnedChild>>>,
     /// The previous CPU sample per backend process, for `cpu_percent`.
-    samples: Mutex<HashMap<(u32, u64), (std::time::Instant, u64)>>,
+    samples: Mutex<Samples>,
+    /// The shared `/proc` scans behind `metrics`.
+    scans: ProcScans,
     /// Stops the tasks that wait for children; cancelled on drop too.
     cancel: CancellationToken,
 }
@@ -90,7 +107,8 @@ impl ProcessRuntime {
             config,
             patterns,
             children: Arc::new(Mutex::new(HashMap::new())),
-            samples: Mutex::new(HashMap::new()),
+            samples: Mutex::new(Samples::default()),
+            scans: ProcScans::default(),
             cancel,
         })
     }
@@ -233,11 +251,17 @@ pub(crate) struct ProcStat {
     pub start_time: u64,
 }
 
-/// Parses `/proc/<pid>/stat`. The command name (field 2) is in parentheses and may hold
-/// spaces and parentheses itself, so fields are counted from the last `)`.
-pub(crate) fn parse_proc_stat(text: &str) -> Option<ProcStat> {
+/// The fields of `/proc/<pid>/stat` from field 3 on. The command name (field 2) is in
+/// parentheses and may hold spaces and parentheses itself, so fields are counted from
+/// the last `)`.
+fn stat_fields(text: &str) -> Option<Vec<&str>> {
     let rest = text.get(text.rfind(')')? + 1..)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(rest.split_whitespace().collect())
+}
+
+/// Parses `/proc/<pid>/stat`.
+pub(crate) fn parse_proc_stat(text: &str) -> Option<ProcStat> {
+    let fields = stat_fields(text)?;
     // `fields[0]` is field 3.
     let field = |n: usize| fields.get(n - 3).copied();
     Some(ProcStat {
@@ -246,6 +270,19 @@ pub(crate) fn parse_proc_stat(text: &str) -> Option<ProcStat> {
         cpu_ticks: field(14)?.parse::<u64>().ok()? + field(15)?.parse::<u64>().ok()?,
         start_time: field(22)?.parse().ok()?,
     })
+}
+
+/// What a `/proc` scan takes from one `/proc/<pid>/stat`: the process group, user plus
+/// system CPU ticks, and field 24, the resident set in pages (the same count as
+/// `VmRSS` in `/proc/<pid>/status`: anonymous, file and shared memory pages).
+fn parse_proc_usage(text: &str) -> Option<(i64, u64, u64)> {
+    let fields = stat_fields(text)?;
+    let field = |n: usize| fields.get(n - 3).copied();
+    Some((
+        field(5)?.parse().ok()?,
+        field(14)?.parse::<u64>().ok()? + field(15)?.parse::<u64>().ok()?,
+        field(24)?.parse().ok()?,
+    ))
 }
 
 pub(crate) fn read_proc_stat(pid: u32) -> std::io::Result<ProcStat> {
@@ -265,31 +302,145 @@ struct GroupUsage {
 /// Plane runs on (the kernel exports it as a constant, whatever its internal HZ).
 const USER_HZ: u64 = 100;
 
-/// Sums RSS and CPU time over the processes of group `pgid` (a backend's process
-/// group), by scanning `/proc`. `None` if `/proc` cannot be read.
-fn group_usage(pgid: u32) -> Option<GroupUsage> {
-    let mut usage = GroupUsage::default();
+/// The page size, from the auxiliary vector (`AT_PAGESZ`); 4096 if it cannot be read.
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        const AT_PAGESZ: usize = 6;
+        const WORD: usize = std::mem::size_of::<usize>();
+        let word = |b: &[u8]| b.try_into().map(usize::from_ne_bytes).ok();
+        let auxv = std::fs::read("/proc/self/auxv").unwrap_or_default();
+        auxv.chunks_exact(2 * WORD)
+            .find(|pair| word(&pair[..WORD]) == Some(AT_PAGESZ))
+            .and_then(|pair| word(&pair[WORD..]))
+            .filter(|page| *page > 0)
+            .map_or(4096, |page| page as u64)
+    })
+}
+
+/// Every process group's usage at one moment, from one pass over `/proc`.
+struct ProcScan {
+    /// When the scan began (a conservative time for all it read).
+    taken_at: std::time::Instant,
+    groups: HashMap<i64, GroupUsage>,
+}
+
+/// Reads `/proc/<pid>/stat` of every process once and sums RSS and CPU time per process
+/// group. `None` if `/proc` cannot be read.
+fn scan_proc() -> Option<ProcScan> {
+    use std::io::Read;
+    let taken_at = std::time::Instant::now();
+    let page = page_size();
+    let mut groups: HashMap<i64, GroupUsage> = HashMap::new();
+    let mut text = String::with_capacity(512);
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
             continue;
         };
-        let Ok(stat) = read_proc_stat(pid) else {
+        text.clear();
+        // The process may be gone by now.
+        let read = std::fs::File::open(format!("/proc/{pid}/stat")).and_then(|mut f| f.read_to_string(&mut text));
+        let Some((pgrp, cpu_ticks, rss_pages)) = read.ok().and_then(|_| parse_proc_usage(&text)) else {
             continue;
         };
-        if stat.pgrp != i64::from(pgid) {
-            continue;
-        }
-        usage.cpu_nanos += stat.cpu_ticks * (1_000_000_000 / USER_HZ);
-        let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|status| {
-                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-                line.split_whitespace().nth(1)?.parse::<u64>().ok()
-            })
-            .unwrap_or(0);
-        usage.rss_bytes += rss_kib * 1024;
+        let usage = groups.entry(pgrp).or_default();
+        usage.cpu_nanos += cpu_ticks * (1_000_000_000 / USER_HZ);
+        usage.rss_bytes += rss_pages * page;
     }
-    Some(usage)
+    Some(ProcScan { taken_at, groups })
+}
+
+/// The latest shared `/proc` scan, and a lock so that one scan runs at a time.
+#[derive(Default)]
+struct ProcScans {
+    latest: Mutex<Option<Arc<ProcScan>>>,
+    scanning: tokio::sync::Mutex<()>,
+}
+
+impl ProcScans {
+    fn latest_since(&self, since: std::time::Instant) -> Option<Arc<ProcScan>> {
+        let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        latest.as_ref().filter(|scan| scan.taken_at >= since).cloned()
+    }
+
+    /// A scan that began at `since` or later: the latest one, or a new one.
+    async fn since(&self, since: std::time::Instant) -> Option<Arc<ProcScan>> {
+        if let Some(scan) = self.latest_since(since) {
+            return Some(scan);
+        }
+        let _one_at_a_time = self.scanning.lock().await;
+        // Another caller may have scanned while this one waited.
+        if let Some(scan) = self.latest_since(since) {
+            return Some(scan);
+        }
+        let scan = Arc::new(tokio::task::spawn_blocking(scan_proc).await.ok()??);
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(scan.clone());
+        Some(scan)
+    }
+
+    /// The usage of process group `pgid`, from a scan at most [`PROC_SCAN_MAX_AGE`] old
+    /// (or a new one if that scan began before `asked` and lacks the group: it may
+    /// predate the backend). Zero if the group has no members.
+    async fn group(&self, pgid: u32, asked: std::time::Instant) -> Option<(std::time::Instant, GroupUsage)> {
+        let oldest = asked.checked_sub(PROC_SCAN_MAX_AGE).unwrap_or(asked);
+        let mut scan = self.since(oldest).await?;
+        if !scan.groups.contains_key(&i64::from(pgid)) && scan.taken_at < asked {
+            scan = self.since(asked).await?;
+        }
+        let usage = scan.groups.get(&i64::from(pgid)).copied().unwrap_or_default();
+        Some((scan.taken_at, usage))
+    }
+}
+
+/// The previous CPU sample of each backend process, keyed by pid and start time (a reused
+/// pid is another backend).
+#[derive(Default)]
+struct Samples {
+    by_process: HashMap<(u32, u64), Sample>,
+    last_prune: Option<std::time::Instant>,
+}
+
+#[derive(Clone, Copy)]
+struct Sample {
+    /// The scan it was read from.
+    at: std::time::Instant,
+    cpu_nanos: u64,
+    /// What it reported, repeated while the scan is the same.
+    cpu_percent: Option<f64>,
+}
+
+impl Samples {
+    /// Records `(at, cpu_nanos)` and returns the CPU use since the previous sample.
+    fn cpu_percent(&mut self, key: (u32, u64), at: std::time::Instant, cpu_nanos: u64) -> Option<f64> {
+        let now = std::time::Instant::now();
+        if self
+            .last_prune
+            .is_none_or(|p| now.duration_since(p) >= SAMPLE_PRUNE_EVERY)
+        {
+            self.by_process
+                .retain(|_, s| now.duration_since(s.at) < SAMPLE_RETENTION);
+            self.last_prune = Some(now);
+        }
+        let previous = self.by_process.get(&key).copied();
+        if let Some(p) = previous.filter(|p| p.at == at) {
+            // Read from the same scan as last time: nothing new to compare.
+            return p.cpu_percent;
+        }
+        let cpu_percent = previous.and_then(|p| {
+            let wall = at.duration_since(p.at).as_nanos() as f64;
+            (wall > 0.0 && cpu_nanos >= p.cpu_nanos).then(|| (cpu_nanos - p.cpu_nanos) as f64 * 100.0 / wall)
+        });
+        self.by_process.insert(
+            key,
+            Sample {
+                at,
+                cpu_nanos,
+                cpu_percent,
+            },
+        );
+        cpu_percent
+    }
 }
 
 /// Whether the process behind `handle` still runs (a zombie does not).
@@ -515,21 +666,12 @@ impl Runtime for ProcessRuntime {
         if !is_alive(&handle) {
             return None;
         }
-        let usage = tokio::task::spawn_blocking(move || group_usage(handle.pid))
-            .await
-            .ok()??;
-        let now = std::time::Instant::now();
-        let previous = {
-            let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-            // Samples of backends gone long ago (their pids may be reused) are dropped.
-            samples.retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(3600));
-            // Keyed by pid and start time: a reused pid is another backend.
-            samples.insert((handle.pid, handle.start_time), (now, usage.cpu_nanos))
-        };
-        let cpu_percent = previous.and_then(|(at, nanos)| {
-            let wall = now.duration_since(at).as_nanos() as f64;
-            (wall > 0.0 && usage.cpu_nanos >= nanos).then(|| (usage.cpu_nanos - nanos) as f64 * 100.0 / wall)
-        });
+        let (at, usage) = self.scans.group(handle.pid, std::time::Instant::now()).await?;
+        let cpu_percent = self.samples.lock().unwrap_or_else(|e| e.into_inner()).cpu_percent(
+            (handle.pid, handle.start_time),
+            at,
+            usage.cpu_nanos,
+        );
         Some(BackendMetrics {
             memory_bytes: usage.rss_bytes,
             memory_limit_bytes: None,
@@ -844,6 +986,37 @@ mod tests {
         let stat = "42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 1 0 99 0 0";
         assert_eq!(parse_proc_stat(stat).map(|s| (s.pgrp, s.cpu_ticks)), Some((42, 12)));
         assert_eq!(parse_proc_stat("garbage"), None);
+    }
+
+    #[test]
+    fn usage_fields_and_page_size() {
+        // Fields 5 (pgrp), 14 + 15 (CPU ticks) and 24 (RSS pages), after an odd name.
+        let stat = "42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 1 0 99 1000 250 0";
+        assert_eq!(parse_proc_usage(stat), Some((42, 12, 250)));
+        assert_eq!(parse_proc_usage("42 (x) S 1 42"), None);
+        let page = page_size();
+        assert!(page >= 4096 && page.is_power_of_two(), "{page}");
+        // The scan's RSS for this process's group matches VmRSS of its members roughly:
+        // at least this process's own.
+        let scan = scan_proc().expect("a /proc scan");
+        let own = read_proc_stat(std::process::id()).unwrap().pgrp;
+        assert!(
+            scan.groups.get(&own).is_some_and(|u| u.rss_bytes > 0),
+            "{:?}",
+            scan.groups.get(&own)
+        );
+    }
+
+    #[test]
+    fn samples_from_one_scan_repeat_the_last_cpu_percent() {
+        let mut samples = Samples::default();
+        let t0 = std::time::Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(samples.cpu_percent((1, 1), t0, 0), None);
+        assert_eq!(samples.cpu_percent((1, 1), t1, 500_000_000), Some(50.0));
+        assert_eq!(samples.cpu_percent((1, 1), t1, 500_000_000), Some(50.0));
+        // Another start time is another process.
+        assert_eq!(samples.cpu_percent((1, 2), t1, 500_000_000), None);
     }
 
     #[tokio::test]
