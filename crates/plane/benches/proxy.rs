@@ -34,15 +34,7 @@ fn ms(d: Duration) -> f64 {
 
 /// A process's CPU time (user + system), from `/proc/<pid>/stat`.
 fn cpu(pid: u32) -> Duration {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = text
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    // After the command name: state is field 0, utime 11, stime 12; USER_HZ is 100.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    Duration::from_secs_f64(common::process_cpu_seconds(pid).unwrap_or(0.0))
 }
 
 /// What one wrk run measured.

@@ -76,37 +76,14 @@ const WAIT_LIMIT: Duration = Duration::from_secs(90);
 // ---------------------------------------------------------------------------------------
 // CPU time from /proc.
 
-/// Clock ticks per second (`USER_HZ`) of `/proc/<pid>/stat`.
-fn clock_tick() -> f64 {
-    static TICK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICK.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-/// The fields of `/proc/<pid>/stat` after the command name (`[1]`: ppid, `[11]`: utime,
-/// `[12]`: stime, in clock ticks).
-fn stat_fields(path: &Path) -> Option<Vec<u64>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let close = text.rfind(')')?;
-    let fields: Vec<u64> = text[close + 1..]
-        .split_whitespace()
-        .map(|f| f.parse::<u64>().unwrap_or(0))
-        .collect();
-    (fields.len() > 12).then_some(fields)
-}
-
 /// CPU seconds (user + system) of process `pid`, all its threads.
 fn process_cpu(pid: u32) -> anyhow::Result<f64> {
-    let f =
-        stat_fields(Path::new(&format!("/proc/{pid}/stat"))).with_context(|| format!("reading /proc/{pid}/stat"))?;
-    Ok((f[11] + f[12]) as f64 / clock_tick())
+    common::process_cpu_seconds(pid).with_context(|| format!("reading /proc/{pid}/stat"))
+}
+
+/// The numeric fields of a `/proc/<pid>/stat` after the command name.
+fn stat_fields(path: &Path) -> Option<Vec<u64>> {
+    common::proc_stat(path).map(|(_, fields)| fields)
 }
 
 /// CPU seconds of a PostgreSQL server: the postmaster and its children (the backends that
@@ -124,7 +101,7 @@ fn postgres_cpu(postmaster: u32) -> f64 {
             ticks += f[11] + f[12];
         }
     }
-    ticks as f64 / clock_tick()
+    ticks as f64 / common::clock_tick()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1054,15 +1031,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let _pg = if postgres {
         let pg = tokio::task::block_in_place(plane_test_postgres::TestPostgres::database)?;
-        let postmaster = std::fs::read_to_string(
-            pg.log_path()
-                .parent()
-                .context("the server's directory")?
-                .join("data/postmaster.pid"),
-        )?
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<u32>().ok());
+        let postmaster = common::postmaster_pid(&pg.log_path())?;
         results.push(
             run_store(
                 &settings,

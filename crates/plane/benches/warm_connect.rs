@@ -38,7 +38,7 @@
 
 mod common;
 
-use common::{env_f64, env_usize, Report};
+use common::{clock_tick, env_f64, env_usize, proc_stat, Report};
 
 use anyhow::{bail, ensure, Context};
 use plane_tests::{Options, TestCluster};
@@ -164,33 +164,6 @@ impl Cpu {
         self.plane += other.plane;
         self.postgres += other.postgres;
     }
-}
-
-/// `comm` and the numeric fields after it (`fields[0]` is the state, `[1]` the ppid,
-/// `[11]` utime, `[12]` stime, in clock ticks).
-fn proc_stat(path: &std::path::Path) -> Option<(String, Vec<u64>)> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text[open + 1..close].to_owned();
-    let fields = text[close + 1..]
-        .split_whitespace()
-        .map(|f| f.parse::<u64>().unwrap_or(0))
-        .collect::<Vec<_>>();
-    (fields.len() > 12).then_some((comm, fields))
-}
-
-fn clock_tick() -> f64 {
-    static TICK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICK.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }
 
 /// Runs `route` against `target` with every client for `duration`.
@@ -778,15 +751,7 @@ async fn run(loadgen: tokio::runtime::Handle, config: Config) -> anyhow::Result<
 
     // The measured clusters; their PostgreSQL is the server shared by this binary.
     let pg = tokio::task::block_in_place(plane_test_postgres::TestPostgres::database)?;
-    let postmaster = std::fs::read_to_string(
-        pg.log_path()
-            .parent()
-            .context("the server's directory")?
-            .join("data/postmaster.pid"),
-    )?
-    .lines()
-    .next()
-    .and_then(|l| l.trim().parse::<u32>().ok());
+    let postmaster = common::postmaster_pid(&pg.log_path())?;
     let sweep = Duration::from_secs(1);
     let (sqlite_cluster, sqlite_bodies) = cluster_with_keys(binary, None, keys, "sqlite", sweep).await?;
     let (pg_cluster, pg_bodies) = cluster_with_keys(binary, Some(pg.url()), keys, "postgres", sweep).await?;

@@ -67,6 +67,47 @@ pub fn env_f64(name: &str, default: f64) -> f64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Clock ticks per second (`USER_HZ`) of `/proc/<pid>/stat`.
+pub fn clock_tick() -> f64 {
+    static TICK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// `comm` and the numeric fields after it of a `/proc/<pid>/stat` (or a task's):
+/// `fields[0]` is the state, `[1]` the ppid, `[11]` utime, `[12]` stime, in clock ticks.
+pub fn proc_stat(path: &std::path::Path) -> Option<(String, Vec<u64>)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_owned();
+    let fields = text[close + 1..]
+        .split_whitespace()
+        .map(|f| f.parse::<u64>().unwrap_or(0))
+        .collect::<Vec<_>>();
+    (fields.len() > 12).then_some((comm, fields))
+}
+
+/// CPU seconds (user + system, all threads) of process `pid`.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let (_, f) = proc_stat(std::path::Path::new(&format!("/proc/{pid}/stat")))?;
+    Some((f[11] + f[12]) as f64 / clock_tick())
+}
+
+/// The postmaster's pid of the `plane-test-postgres` server whose log is `log_path`.
+pub fn postmaster_pid(log_path: &std::path::Path) -> anyhow::Result<Option<u32>> {
+    let dir = log_path.parent().context("the server's directory")?;
+    let pid_file = std::fs::read_to_string(dir.join("data/postmaster.pid"))?;
+    Ok(pid_file.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+}
+
 /// A named series of samples.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Series {
