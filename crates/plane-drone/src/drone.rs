@@ -34,7 +34,9 @@ pub(crate) struct Drone {
     hidden: Vec<RuntimeKind>,
     ctx: BackendContext,
     backends: HashMap<BackendName, mpsc::UnboundedSender<BackendCommand>>,
-    tasks: JoinSet<()>,
+    /// The backend tasks; each ends with its backend's id, so [`Drone::reap`] forgets
+    /// just the finished ones (a scan of `backends` per message was O(backends)).
+    tasks: JoinSet<BackendName>,
     cancel: CancellationToken,
 }
 
@@ -124,21 +126,41 @@ impl Drone {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let task = BackendTask::new(start, runtime, self.ctx.clone(), rx, self.cancel.child_token());
-        self.tasks
-            .spawn(task.run().instrument(info_span!("backend", %backend_id)));
+        let id = backend_id.clone();
+        self.tasks.spawn(
+            async move {
+                task.run().await;
+                id
+            }
+            .instrument(info_span!("backend", %backend_id)),
+        );
         self.backends.insert(backend_id, tx);
     }
 
     /// Forgets finished tasks.
     fn reap(&mut self) {
+        let mut lost = false;
         while let Some(result) = self.tasks.try_join_next() {
-            if let Err(err) = result {
-                if err.is_panic() {
-                    error!(%err, "a backend task panicked");
+            match result {
+                // Only if that task's channel is the one held: a new task for the same
+                // id would have replaced it.
+                Ok(id) => {
+                    if self.backends.get(&id).is_some_and(|tx| tx.is_closed()) {
+                        self.backends.remove(&id);
+                    }
+                }
+                Err(err) => {
+                    if err.is_panic() {
+                        error!(%err, "a backend task panicked");
+                    }
+                    lost = true;
                 }
             }
         }
-        self.backends.retain(|_, tx| !tx.is_closed());
+        if lost {
+            // A task that panicked or was aborted did not say which backend it ran.
+            self.backends.retain(|_, tx| !tx.is_closed());
+        }
     }
 
     /// Acts on a message from the controller (`Ack` is the connection's business).
