@@ -29,12 +29,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 use std::fs;
-use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long pebble may take to answer its directory.
@@ -265,17 +262,8 @@ async fn launch(
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            // Die with the test binary even if it is killed and cannot clean up.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = spawn_from_long_lived_thread(cmd).with_context(|| format!("starting {}", bin.display()))?;
+    let mut child = plane_test_postgres::spawn_tied_to_process(cmd, libc::SIGKILL)
+        .with_context(|| format!("starting {}", bin.display()))?;
     match wait_ready(&mut child, acme, http, &log_path).await {
         Ok(()) => Ok(child),
         Err(e) => {
@@ -332,33 +320,6 @@ fn find_pebble() -> anyhow::Result<PathBuf> {
                  install Debian's `pebble` package, or set PEBBLE_BIN"
             )
         })
-}
-
-/// Spawns `cmd` from one thread that lives as long as the process. The parent-death
-/// signal fires when the *thread* that forked the child ends, so a server started from
-/// a runtime's worker (or a test's thread) would die with that thread.
-fn spawn_from_long_lived_thread(cmd: Command) -> io::Result<Child> {
-    type Job = (Command, mpsc::Sender<io::Result<Child>>);
-    static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
-    let spawner = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("test-pebble-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .expect("spawning the test-pebble spawner thread");
-        tx
-    });
-    let (reply, answer) = mpsc::channel();
-    spawner
-        .send((cmd, reply))
-        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
-    answer
-        .recv()
-        .map_err(|_| io::Error::other("the spawner thread is gone"))?
 }
 
 fn log_tail(log: &Path) -> String {

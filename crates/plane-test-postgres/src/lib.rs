@@ -420,17 +420,7 @@ impl Server {
             .args(["-c", "min_wal_size=32MB", "-c", "max_wal_size=128MB"])
             .stdout(log.try_clone()?)
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Die with the test binary even if it is killed and cannot clean up.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = spawn_from_long_lived_thread(cmd).context("starting postgres")?;
+        let mut child = spawn_tied_to_process(cmd, libc::SIGQUIT).context("starting postgres")?;
         match self.wait_ready(&mut child) {
             Ok(()) => {
                 *slot = Some(child);
@@ -554,22 +544,33 @@ fn halt(child: &mut Child) -> anyhow::Result<()> {
     bail!("postgres did not shut down within {STOP_TIMEOUT:?} and was killed")
 }
 
-/// Spawns `cmd` from one thread that lives as long as the process. The parent-death
-/// signal fires when the *thread* that forked the child ends, so a server started from
-/// a test's thread (or a runtime's worker) would die with that thread.
-fn spawn_from_long_lived_thread(cmd: Command) -> io::Result<Child> {
+/// Spawns a test server that dies with the test binary, even one killed before it can
+/// clean up: the child gets `signal` as its parent-death signal. That signal fires when
+/// the *thread* that forked the child ends, so the spawn is made from one thread that
+/// lives as long as the process, not from a test's thread or a runtime's worker.
+/// `plane-test-pebble` starts pebble with it too.
+pub fn spawn_tied_to_process(mut cmd: Command, signal: libc::c_int) -> io::Result<Child> {
+    // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     type Job = (Command, mpsc::Sender<io::Result<Child>>);
     static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
-            .name("test-postgres-spawner".into())
+            .name("test-server-spawner".into())
             .spawn(move || {
                 for (mut cmd, reply) in rx {
                     let _ = reply.send(cmd.spawn());
                 }
             })
-            .expect("spawning the test-postgres spawner thread");
+            .expect("spawning the test-server spawner thread");
         tx
     });
     let (reply, answer) = mpsc::channel();

@@ -48,17 +48,9 @@ const RUN_MARKER: &str = "PLANE_BENCH_LIVE_BACKENDS_RUN";
 
 const SETUP_WAIT: Duration = Duration::from_secs(60);
 
-/// `USER_HZ`, the unit of `/proc/<pid>/stat` CPU times on Linux.
-const USER_HZ: f64 = 100.0;
-
 /// User plus system CPU seconds of process `pid` (its threads included).
 fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = text[text.rfind(')').context("stat")? + 1..]
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / USER_HZ)
+    common::process_cpu_seconds(pid).with_context(|| format!("reading /proc/{pid}/stat"))
 }
 
 fn rss_mib(pid: u32) -> f64 {

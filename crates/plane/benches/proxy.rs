@@ -59,23 +59,6 @@ fn wrk_ms(text: &str) -> Option<f64> {
     Some(number.parse::<f64>().ok()? * scale)
 }
 
-/// The process whose environment says `PORT=<port>`: the backend the drone started.
-fn backend_pid(port: u16) -> anyhow::Result<u32> {
-    let marker = format!("PORT={port}");
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
-            return Ok(pid);
-        }
-    }
-    bail!("no process has {marker} in its environment")
-}
-
 /// `host`: the Host header to send (the cluster name, for the proxy).
 async fn wrk(url: &str, host: Option<&str>, connections: usize, seconds: usize) -> anyhow::Result<Wrk> {
     let mut args = vec![
@@ -166,7 +149,11 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .and_then(|b| b.address)
         .context("backend address")?;
-    let backend = backend_pid(addr.port())?;
+    // The process the drone started with `PORT=<port>`.
+    let backend = match common::pids_with_env(&format!("PORT={}", addr.port()))[..] {
+        [pid] => pid,
+        ref pids => bail!("not one process with PORT={} in its environment: {pids:?}", addr.port()),
+    };
 
     // The proxy under test: its own process, as in production.
     let port = plane_tests::free_port();

@@ -696,7 +696,7 @@ async fn main() -> anyhow::Result<()> {
     // A runtime cannot be dropped (blocking) inside another one.
     loadgen_rt.shutdown_background();
     // Backends outlive their drone: after a failure, stop those this run started.
-    let left = kill_leftover_backends();
+    let left = common::kill_pids_with_env(&format!("{RUN_MARKER}={}", std::process::id()));
     if left > 0 {
         eprintln!("killed {left} backend processes left over by this run");
     }
@@ -705,27 +705,6 @@ async fn main() -> anyhow::Result<()> {
 
 /// The environment variable that marks the backends of this run (its value: our pid).
 const RUN_MARKER: &str = "PLANE_BENCH_WARM_CONNECT_RUN";
-
-/// SIGKILLs, by pid, every process whose environment carries this run's marker.
-fn kill_leftover_backends() -> usize {
-    let marker = format!("{RUN_MARKER}={}", std::process::id());
-    let mut killed = 0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
-            let status = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            killed += usize::from(status.is_ok_and(|s| s.success()));
-        }
-    }
-    killed
-}
 
 struct Config {
     binary: &'static str,

@@ -99,38 +99,6 @@ fn raise_nofile(want: u64) -> anyhow::Result<u64> {
     Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
 }
 
-/// SIGKILLs every process whose environment carries this run's marker.
-fn kill_leftovers() -> usize {
-    let marker = format!("{RUN_MARKER}={}", std::process::id());
-    let mut killed = 0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
-            let pid = nix::unistd::Pid::from_raw(pid);
-            killed += usize::from(nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok());
-        }
-    }
-    killed
-}
-
-/// The pid of the process whose environment has `var=value`.
-fn pid_with_env(var: &str, value: &str) -> Option<u32> {
-    let needle = format!("{var}={value}");
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
-        let environ = std::fs::read(entry.path().join("environ")).ok()?;
-        environ
-            .split(|b| *b == 0)
-            .any(|v| v == needle.as_bytes())
-            .then_some(pid)
-    })
-}
-
 /// The client count in a room-state message (`"clients":n`).
 fn clients_in(text: &str) -> Option<u32> {
     let at = text.rfind("\"clients\":")? + "\"clients\":".len();
@@ -233,7 +201,7 @@ async fn settled_mem(pid: u32) -> anyhow::Result<Mem> {
 async fn main() -> anyhow::Result<()> {
     std::env::set_var(RUN_MARKER, std::process::id().to_string());
     let result = run().await;
-    let left = kill_leftovers();
+    let left = common::kill_pids_with_env(&format!("{RUN_MARKER}={}", std::process::id()));
     if left > 0 {
         eprintln!("killed {left} processes left over by this run");
     }
@@ -299,7 +267,9 @@ async fn run() -> anyhow::Result<()> {
         .await?
         .and_then(|b| b.address)
         .context("backend address")?;
-    let backend_pid = pid_with_env("SESSION_BACKEND_ID", res.backend_id.as_str()).context("the backend's pid")?;
+    let backend_pid = *common::pids_with_env(&format!("SESSION_BACKEND_ID={}", res.backend_id))
+        .first()
+        .context("the backend's pid")?;
     let (host, path) = res
         .url
         .strip_prefix("http://")

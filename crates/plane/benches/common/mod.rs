@@ -101,6 +101,33 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((f[11] + f[12]) as f64 / clock_tick())
 }
 
+/// The processes whose environment holds exactly `entry` (`NAME=value`).
+pub fn pids_with_env(entry: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for dir in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = dir.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(dir.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|var| var == entry.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// SIGKILLs every process whose environment holds `entry` (a run's marker, so that a
+/// failed run leaves no backend behind); returns how many were killed.
+pub fn kill_pids_with_env(entry: &str) -> usize {
+    let kill = |pid: u32| {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok()
+    };
+    pids_with_env(entry).into_iter().filter(|pid| kill(*pid)).count()
+}
+
 /// The postmaster's pid of the `plane-test-postgres` server whose log is `log_path`.
 pub fn postmaster_pid(log_path: &std::path::Path) -> anyhow::Result<Option<u32>> {
     let dir = log_path.parent().context("the server's directory")?;
